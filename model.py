@@ -1,0 +1,525 @@
+"""
+A from-scratch decoder-only transformer that reads and writes Hugging Face checkpoints.
+
+One module covers Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 and GPT-2. Module names follow HF's
+Llama layout (model.layers.N.self_attn.q_proj, ...), so loading a Llama-family checkpoint is a key
+copy with shape checks; GPT-2 is the one family that needs a name table (`_gpt2_to_ours`).
+
+The head is either the LM head (`lm_head`, logits over the vocabulary) or a scalar `score` head
+(reward / value model), which round-trips with HF's `*ForSequenceClassification`.
+
+Conventions: `attention_mask [B, T]` is 0 for padding and a positive *document id* otherwise, so an
+HF 0/1 mask works as is and packed rows (ids 1, 2, 3, ...) get a block-diagonal causal mask. Tokens
+attend to earlier tokens of the same document only.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+FAMILIES = {  # model_type -> HF class-name prefix
+    "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT2",
+}
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 16
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # the HF dict with rope_type "llama3" or "linear", else None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False       # Qwen2 (and Llama with attention_bias)
+    o_bias: bool = False         # Llama attention_bias, GPT-2
+    mlp_bias: bool = False       # Llama mlp_bias, GPT-2
+    qk_norm: bool = False        # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    gpt2: bool = False           # LayerNorm, learned positions, gelu MLP, no gate
+    sliding_window: int | None = None
+    pad_token_id: int | None = None
+    hf: dict = field(default_factory=dict, repr=False)  # the original config.json, re-saved as is
+
+    @staticmethod
+    def from_hf(d: dict, where: str = "config.json") -> "ModelConfig":
+        mt = d.get("model_type")
+        if mt not in FAMILIES:
+            raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: {sorted(FAMILIES)})")
+        if mt == "gpt2":
+            D, H = d["n_embd"], d["n_head"]
+            if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ValueError(f"{where}: activation_function {d['activation_function']!r} is not supported")
+            return ModelConfig(
+                model_type=mt, vocab_size=d["vocab_size"], hidden_size=D,
+                intermediate_size=d.get("n_inner") or 4 * D, num_layers=d["n_layer"], num_heads=H,
+                num_kv_heads=H, head_dim=D // H, max_position_embeddings=d["n_positions"],
+                norm_eps=d.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=d.get("tie_word_embeddings", True),
+                qkv_bias=True, o_bias=True, mlp_bias=True, gpt2=True, pad_token_id=d.get("pad_token_id"), hf=d)
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
+        # transformers v5 writes rope_parameters; v4 checkpoints write rope_theta + rope_scaling.
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        rtype = rope.get("rope_type", rope.get("type", "default"))
+        if rtype not in ("default", "llama3", "linear"):
+            raise ValueError(f"{where}: rope scaling type {rtype!r} is not supported (default, linear, llama3)")
+        H = d["num_attention_heads"]
+        window = d.get("sliding_window") if (mt == "mistral" or d.get("use_sliding_window")) else None
+        return ModelConfig(
+            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"], num_heads=H,
+            num_kv_heads=d.get("num_key_value_heads") or H, head_dim=d.get("head_dim") or d["hidden_size"] // H,
+            max_position_embeddings=d.get("max_position_embeddings", 2048), norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=None if rtype == "default" else {**rope, "rope_type": rtype},
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            qkv_bias=True if mt == "qwen2" else d.get("attention_bias", False),
+            o_bias=d.get("attention_bias", False) if mt != "qwen2" else False,
+            mlp_bias=d.get("mlp_bias", False), qk_norm=mt == "qwen3", sliding_window=window,
+            pad_token_id=d.get("pad_token_id"), hf=d)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], fp32, exactly as HF computes them (incl. llama3 scaling)."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    if rs["rope_type"] == "linear":
+        return inv / rs["factor"]
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend in between.
+    factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(mid, blended, scaled)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        # HF normalises in fp32 and casts back before the weight multiply.
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(cfg, dim):
+    return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.gpt2 else RMSNorm(dim, cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, rope, mask, cache=None, pos=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, T, hd]
+        if rope is not None:
+            cos, sin = rope
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:  # preallocated [B, nkv, Tmax, hd]; write this step, attend to all so far
+            cache[0][:, :, pos:pos + T], cache[1][:, :, pos:pos + T] = k, v
+            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.nh != self.nkv)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = not cfg.gpt2
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache=None, pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.gpt2:
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg, cfg.hidden_size)
+
+
+def attention_bias(attention_mask, T):
+    """Bool mask [B, 1, T, S] for the last T queries over S keys: causal, same document, no padding.
+
+    attention_mask [B, S]: 0 = padding, >0 = document id. A padding query may see only itself, so
+    that no softmax row is empty (its output is never used).
+    """
+    S = attention_mask.shape[1]
+    qi = torch.arange(S - T, S, device=attention_mask.device)[:, None]
+    kj = torch.arange(S, device=attention_mask.device)[None, :]
+    doc_q, doc_k = attention_mask[:, S - T:, None], attention_mask[:, None, :]
+    mask = (kj <= qi) & (doc_q == doc_k) & (doc_k > 0)
+    return (mask | (kj == qi))[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, head: str = "lm"):
+        super().__init__()
+        if head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
+        self.cfg, self.head = cfg, head
+        self.model = Body(cfg)
+        if head == "lm":
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.tie_weights()
+        else:
+            self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def tie_weights(self):
+        if self.head == "lm" and self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, std=0.02, seed=None):
+        """Fresh weights as HF initialises them: N(0, std) matrices, zero biases, unit norms."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                w = torch.randn(m.weight.shape, generator=g) * std
+                m.weight.data.copy_(w)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.data.zero_()
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                m.weight.data.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.data.zero_()
+        if self.head == "score":
+            self.init_score(seed)
+        self.tie_weights()
+
+    def init_score(self, seed=None):
+        # Value/reward heads start near zero: std 1/sqrt(d+1) as in OpenAI's lm-human-preferences.
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        w = torch.randn(self.score.weight.shape, generator=g) / math.sqrt(self.cfg.hidden_size + 1)
+        self.score.weight.data.copy_(w.to(self.score.weight.dtype))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, pos=0):
+        """Final hidden states [B, T, D] (after the last norm). With a kv_cache, `attention_mask`
+        covers all pos + T keys and `pos` is where this call's tokens go in the cache."""
+        cfg, B, T = self.cfg, input_ids.shape[0], input_ids.shape[1]
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: count real tokens (HF generate does the same)
+                position_ids = ((attention_mask > 0).long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(pos, pos + T, device=input_ids.device).expand(B, T)
+        if cfg.sliding_window is not None and pos + T > cfg.sliding_window:
+            raise NotImplementedError(f"sequence of {pos + T} tokens exceeds sliding_window {cfg.sliding_window}")
+        x = self.model.embed_tokens(input_ids)
+        rope = None
+        if cfg.gpt2:
+            x = x + self.model.embed_positions(position_ids)
+        else:
+            freqs = position_ids[:, :, None].float() * rope_inv_freq(cfg).to(x.device)  # [B, T, hd/2]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+            rope = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = None if attention_mask is None else attention_bias(attention_mask, T)
+        if mask is None and kv_cache is not None and pos > 0:
+            raise ValueError("decoding with a KV cache needs the attention_mask over all keys")
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rope, mask, None if kv_cache is None else kv_cache[i], pos)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, pos=0):
+        """LM head: logits [B, T, V]. Score head: scores [B, T] (one scalar per position)."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, pos)
+        return self.lm_head(h) if self.head == "lm" else self.score(h).squeeze(-1)
+
+    def output_weight(self):
+        """The [V, D] matrix that maps hidden states to logits (for chunked log-probs)."""
+        return self.lm_head.weight
+
+
+# ----------------------------------------------------------------------------- HF checkpoints
+
+def _gpt2_to_ours(sd, D):
+    """GPT-2 names -> ours. Conv1D weights are stored [in, out] and must be transposed."""
+    out = {}
+    for name, t in sd.items():
+        name = name.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # old causal-mask buffers, not weights
+            continue
+        p = name.split(".")
+        if p[0] in ("wte", "wpe", "ln_f"):
+            out[{"wte": "model.embed_tokens", "wpe": "model.embed_positions", "ln_f": "model.norm"}[p[0]] + "." + p[-1]] = t
+        elif p[0] == "h":
+            pre, mod, kind = f"model.layers.{p[1]}.", ".".join(p[2:-1]), p[-1]
+            tt = t.t() if kind == "weight" and t.dim() == 2 else t
+            if mod == "attn.c_attn":
+                for n, part in zip("qkv", tt.split(D, dim=0)):
+                    out[f"{pre}self_attn.{n}_proj.{kind}"] = part
+            else:
+                ours = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attn.o_proj",
+                        "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}[mod]
+                out[f"{pre}{ours}.{kind}"] = tt
+        else:
+            out[name] = t  # lm_head.weight, score.weight
+    return out
+
+
+def _ours_to_gpt2(sd):
+    out, qkv = {}, {}
+    names = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn.o_proj": "attn.c_proj",
+             "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+    for name, t in sd.items():
+        p = name.split(".")
+        if name.startswith("model.layers."):
+            i, mod, kind = p[2], ".".join(p[3:-1]), p[-1]
+            if mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((i, kind), {})[mod[10]] = t
+                continue
+            out[f"transformer.h.{i}.{names[mod]}.{kind}"] = t.t().contiguous() if kind == "weight" and t.dim() == 2 else t
+        elif name.startswith("model."):
+            top = {"embed_tokens": "wte", "embed_positions": "wpe", "norm": "ln_f"}[p[1]]
+            out[f"transformer.{top}.{p[-1]}"] = t
+        else:
+            out[name] = t
+    for (i, kind), d in qkv.items():
+        t = torch.cat([d["q"], d["k"], d["v"]], dim=0)
+        out[f"transformer.h.{i}.attn.c_attn.{kind}"] = t.t().contiguous() if kind == "weight" else t
+    return out
+
+
+def read_config(path) -> ModelConfig:
+    where = os.path.join(path, "config.json")
+    with open(where) as f:
+        return ModelConfig.from_hf(json.load(f), where)
+
+
+def load_hf_state_dict(path, cfg: ModelConfig, device="cpu", dtype=None) -> dict:
+    """All tensors of an HF checkpoint directory (single file or sharded), under our names."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for fname in files:
+        sd.update(load_file(os.path.join(path, fname), device=str(device)))
+    if cfg.gpt2:
+        sd = _gpt2_to_ours(sd, cfg.hidden_size)
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def from_pretrained(path, head="lm", dtype=torch.float32, device="cpu", seed=0) -> Transformer:
+    """Load an HF directory. The model is built on the meta device and the checkpoint's tensors are
+    assigned in place, so weights are materialised once. head="score" on a causal-LM checkpoint
+    starts a fresh score head (reward and value models begin this way). device="meta" returns the
+    empty model (for FSDP: shard first, then load with `load_hf_state_dict`)."""
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg, head)
+    if str(device) == "meta":
+        return model
+    sd = load_hf_state_dict(path, cfg, device, dtype)
+    if head == "score":
+        sd.pop("lm_head.weight", None)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings and head == "lm":
+        expected.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)
+    fresh_score = head == "score" and "score.weight" not in sd
+    if fresh_score:
+        expected.pop("score.weight")
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(s)}"
+              for k, s in expected.items() if k in sd and sd[k].shape != s]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: checkpoint does not match the {cfg.model_type} model:\n"
+                         f"  missing: {missing}\n  unexpected: {unexpected}\n  shape mismatches: {shapes}")
+    model.load_state_dict(sd, strict=False, assign=True)
+    if fresh_score:
+        model.score.weight = nn.Parameter(torch.empty(1, cfg.hidden_size, dtype=dtype, device=device))
+        model.init_score(seed)
+    model.tie_weights()
+    return model
+
+
+def hf_config(model: Transformer, dtype=None) -> dict:
+    """config.json for `model`: the original dict with the head's architecture name."""
+    cfg = model.cfg
+    d = dict(cfg.hf)
+    arch = FAMILIES[cfg.model_type] + ("LMHeadModel" if cfg.gpt2 else "ForCausalLM")
+    d.pop("id2label", None), d.pop("label2id", None)
+    if model.head == "score":
+        arch = FAMILIES[cfg.model_type] + "ForSequenceClassification"
+        d.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    d["architectures"] = [arch]
+    d["tie_word_embeddings"] = cfg.tie_word_embeddings
+    if cfg.pad_token_id is not None:
+        d["pad_token_id"] = cfg.pad_token_id
+    if dtype is not None:
+        d["torch_dtype" if "torch_dtype" in d else "dtype"] = str(dtype).removeprefix("torch.")
+    return d
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+
+
+def save_pretrained(model: Transformer, path, state_dict=None, tokenizer_dir=None, max_shard_bytes=5 * 2**30):
+    """Write an HF directory atomically (temp dir, then rename). `state_dict` overrides the model's
+    own (e.g. a full state dict gathered from FSDP shards on rank 0)."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+    if model.head == "lm" and model.cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # HF stores the tied matrix once, as the embedding
+    if model.cfg.gpt2:
+        sd = _ours_to_gpt2(sd)
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        shards, cur, size = [], {}, 0
+        for k in sorted(sd):
+            nbytes = sd[k].numel() * sd[k].element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards, cur, size = shards + [cur], {}, 0
+            cur[k], size = sd[k], size + nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in sd.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        dtype = next(iter(sd.values())).dtype
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(model, dtype), f, indent=2)
+        for fname in TOKENIZER_FILES if tokenizer_dir else ():
+            if os.path.exists(os.path.join(tokenizer_dir, fname)):
+                shutil.copy(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
+        if os.path.exists(path):  # swap: the old directory is removed only after the new one is in place
+            old = tmp + ".old"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- generation
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Next tokens [B] from logits [B, V]. temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already cover top_p (the top one always stays)
+        drop = probs.cumsum(-1) - probs > top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, input_ids, attention_mask=None, max_new_tokens=32, temperature=1.0,
+             top_k=None, top_p=None, eos_ids=(), pad_id=0, generator=None):
+    """Batched sampling with a preallocated KV cache.
+
+    input_ids [B, P] left-padded prompts, attention_mask [B, P] (1 real, 0 pad).
+    Returns tokens [B, P + N] (prompt, then completion) and completion_mask [B, N]: 1 for generated
+    tokens up to and including the first EOS, 0 after it (those positions hold pad_id). N <= max_new_tokens:
+    the loop stops early once every sequence has finished.
+    """
+    cfg, (B, P), dev = model.cfg, input_ids.shape, input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    dtype = next(model.parameters()).dtype
+    total = P + max_new_tokens
+    cache = [(torch.empty(B, cfg.num_kv_heads, total, cfg.head_dim, dtype=dtype, device=dev),
+              torch.empty(B, cfg.num_kv_heads, total, cfg.head_dim, dtype=dtype, device=dev))
+             for _ in range(cfg.num_layers)]
+    mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens).long()], dim=1)
+    eos = torch.tensor(list(eos_ids), device=dev, dtype=torch.long)
+    positions = attention_mask.long().sum(-1, keepdim=True)  # next position of each sequence
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    out, alive = [], []
+    logits = model(input_ids, mask[:, :P], kv_cache=cache, pos=0)[:, -1]
+    for t in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, top_p, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        out.append(tok)
+        alive.append(~done)
+        done = done | torch.isin(tok, eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        logits = model(tok[:, None], mask[:, :P + t + 1], position_ids=positions + t, kv_cache=cache, pos=P + t)[:, -1]
+    completion = torch.stack(out, 1)
+    return torch.cat([input_ids, completion], 1), torch.stack(alive, 1).long()
