@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 FAMILIES = {  # model_type -> HF class-name prefix
@@ -217,7 +218,7 @@ class Transformer(nn.Module):
         super().__init__()
         if head not in ("lm", "score"):
             raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
-        self.cfg, self.head = cfg, head
+        self.cfg, self.head, self.grad_checkpointing = cfg, head, False
         self.model = Body(cfg)
         if head == "lm":
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -275,17 +276,22 @@ class Transformer(nn.Module):
         if mask is None and kv_cache is not None and pos > 0:
             raise ValueError("decoding with a KV cache needs the attention_mask over all keys")
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, mask, None if kv_cache is None else kv_cache[i], pos)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # recompute activations in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, None if kv_cache is None else kv_cache[i], pos)
         return self.model.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, pos=0):
-        """LM head: logits [B, T, V]. Score head: scores [B, T] (one scalar per position)."""
-        h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, pos)
-        return self.lm_head(h) if self.head == "lm" else self.score(h).squeeze(-1)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, pos=0, head_fn=None):
+        """LM head: logits [B, T, V]. Score head: scores [B, T] (one scalar per position).
 
-    def output_weight(self):
-        """The [V, D] matrix that maps hidden states to logits (for chunked log-probs)."""
-        return self.lm_head.weight
+        head_fn(hidden [B, T, D], lm_head_weight [V, D]) replaces the LM head, e.g. with chunked
+        log-probs that never materialise [B, T, V]. It runs inside forward so that FSDP has the
+        head's weight gathered (a separate method call would bypass FSDP's hooks)."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, pos)
+        if self.head == "score":
+            return self.score(h).squeeze(-1)
+        return self.lm_head(h) if head_fn is None else head_fn(h, self.lm_head.weight)
 
 
 # ----------------------------------------------------------------------------- HF checkpoints

@@ -1,0 +1,334 @@
+"""
+The plumbing every training script shares, and nothing else: command-line configs, distributed
+setup, FSDP2, autocast, the optimizer and its schedule, checkpoints, progress and metrics.
+
+Runs as one plain process (`python train_sft.py`) or under torchrun (`torchrun --nproc_per_node N
+train_sft.py`): gloo on CPU, NCCL on GPU. With more than one process the model is sharded with FSDP2
+(`fully_shard` per block, then the root); a single process trains the plain module.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torchdist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class TrainConfig:
+    """Options every script shares (same names everywhere). Scripts extend this with their own."""
+    model: str = ""           # HF model directory; empty = the built-in task's tiny model
+    data: str = ""            # JSONL file; empty = the built-in task
+    out: str = "runs/out"     # output directory: metrics.jsonl, checkpoints/, final HF model
+    max_steps: int = 200      # optimizer steps
+    batch_size: int = 16      # sequences per micro-batch per process
+    grad_accum: int = 1       # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0    # max global grad norm; 0 = off
+    max_length: int = 512     # tokens per sequence (longer examples are truncated, see data/)
+    seed: int = 0
+    dtype: str = "auto"       # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    grad_ckpt: bool = False   # activation checkpointing per block
+    log_every: int = 10
+    eval_every: int = 100     # 0 = only at the end
+    save_every: int = 0       # sharded checkpoint every N steps; 0 = only on SIGTERM
+    resume: bool = False      # continue from the latest checkpoint in out/checkpoints
+    chunk_size: int = 1024    # positions per chunk for log-probs over the vocabulary
+
+
+def parse_config(cls, argv=None):
+    """Build a dataclass from `--field-name value` flags; `--help` lists every field and default."""
+    p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=f.default, metavar="BOOL")
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(flag, type=typ, default=f.default)
+    return cls(**vars(p.parse_args(argv)))
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # bf16 compute where wanted, None = fp32
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup(cfg: TrainConfig) -> Dist:
+    """One plain process, or one of torchrun's; seeds every RNG with the same seed on all ranks so
+    fresh weights are identical before sharding."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torchdist.is_initialized():
+        torchdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype!r}")
+    # bf16 on CPUs without native bf16 is ~70x slower than fp32 (measured on the 2-core EPYC dev box),
+    # so "auto" means fp32 there.
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    torch.manual_seed(cfg.seed)
+    return Dist(rank, world, device, torch.bfloat16 if bf16 else None)
+
+
+def print0(*args, **kw):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kw, flush=True)
+
+
+def all_sum(x: float | torch.Tensor, dist: Dist) -> float:
+    """Sum a number over ranks (a plain float in one process)."""
+    if dist.world == 1:
+        return float(x)
+    t = torch.as_tensor(x, dtype=torch.float64, device=dist.device).clone()
+    torchdist.all_reduce(t)
+    return t.item()
+
+
+def shard(model, dist: Dist, train=True):
+    """FSDP2: each block, then the root (embeddings, final norm, head). On GPU, bf16 params for
+    compute with fp32 master weights and fp32 gradient reduction."""
+    model.to(dist.device)
+    if dist.world == 1:
+        return model
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if dist.autocast_dtype is not None and dist.device.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    if not train:
+        model.requires_grad_(False)
+    return model
+
+
+def autocast(dist: Dist):
+    """bf16 autocast where FSDP's mixed precision does not already provide it."""
+    if dist.autocast_dtype is None or (dist.world > 1 and dist.device.type == "cuda"):
+        return nullcontext()
+    return torch.autocast(dist.device.type, dtype=dist.autocast_dtype)
+
+
+@contextmanager
+def unsharded(model):
+    """Gather full parameters once and keep them through many forwards (generation): otherwise
+    FSDP all-gathers every layer at every decoded token, and ranks decoding different numbers of
+    tokens would deadlock in those collectives."""
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def full_state_dict(model, dist: Dist):
+    """The whole model's state dict on CPU on rank 0 (empty elsewhere), gathered from the shards."""
+    if dist.world == 1:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def make_optimizer(model, cfg: TrainConfig, dist: Dist):
+    """AdamW; no weight decay on vectors (norms, biases) as usual for transformers."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=dist.device.type == "cuda")
+
+
+def lr_at(step, cfg: TrainConfig):
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def optimizer_step(model, opt, step, cfg: TrainConfig):
+    """Set this step's lr, clip, step, zero. Returns the global grad norm (before clipping).
+    clip_grad_norm_ on FSDP2's DTensor gradients reduces the norm over all shards."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+def check_finite(loss: float, step: int):
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"step {step}: loss is {loss}; stopping (lower --lr, check the data, or --dtype fp32)")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(out):
+    d = os.path.join(out, "checkpoints")
+    steps = [int(n.removeprefix("step_")) for n in os.listdir(d) if n.startswith("step_") and n[5:].isdigit()] \
+        if os.path.isdir(d) else []
+    return os.path.join(d, f"step_{max(steps):08d}") if steps else None
+
+
+def save_checkpoint(out, step, model, opt, dist: Dist, extra=None):
+    """A sharded, resumable checkpoint (model, optimizer, step, per-rank RNG, script extras) written
+    with torch.distributed.checkpoint into a temp dir that is renamed only once complete."""
+    final = os.path.join(out, "checkpoints", f"step_{step:08d}")
+    tmp = final + ".tmp"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(dist)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    torch.save({"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               os.path.join(tmp, f"rng_rank{dist.rank}.pt"))
+    if dist.main:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "world": dist.world, **(extra or {})}, f)
+    barrier(dist)
+    if dist.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    barrier(dist)
+    return final
+
+
+def load_checkpoint(path, model, opt, dist: Dist) -> dict:
+    """Restore what save_checkpoint wrote; returns its state.json (step and script extras)."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    rng_file = os.path.join(path, f"rng_rank{dist.rank}.pt")
+    if state["world"] == dist.world and os.path.exists(rng_file):
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["rng"])
+        if rng["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda_rng"])
+    return state
+
+
+def barrier(dist: Dist):
+    if dist.world > 1:
+        torchdist.barrier()
+
+
+class Preemption:
+    """SIGTERM (a scheduler's preemption notice, forwarded by torchrun) sets a flag; the loop checks
+    it once per step, on all ranks together, then checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.flag = True
+
+    def requested(self, dist: Dist) -> bool:
+        return all_sum(float(self.flag), dist) > 0
+
+
+# ----------------------------------------------------------------------------- logging
+
+class Logger:
+    """Progress lines (step, metrics, tokens/s, ETA) and metrics.jsonl (one JSON object per line with
+    a "step" field). Does nothing off rank 0."""
+
+    def __init__(self, cfg: TrainConfig, dist: Dist, start_step=0):
+        self.main, self.max_steps, self.start_step = dist.main, cfg.max_steps, start_step
+        self.start = self.tick = time.time()
+        self.file = None
+        if self.main:
+            os.makedirs(cfg.out, exist_ok=True)
+            self.file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+            with open(os.path.join(cfg.out, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+    def log(self, step, metrics: dict, tokens=0):
+        """`tokens`: tokens processed by all ranks since the last call that passed tokens."""
+        if not self.main:
+            return
+        now = time.time()
+        record = {"step": step, **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}}
+        if tokens:
+            record["tokens_per_s"] = round(tokens / max(now - self.tick, 1e-9), 1)
+            self.tick = now
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "step")
+        done = step - self.start_step
+        eta = int((now - self.start) / done * (self.max_steps - step)) if done > 0 else 0
+        print(f"step {step}/{self.max_steps}  {shown}  eta {eta // 60}m{eta % 60:02d}s", flush=True)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def eval_accuracy(model, tok, records, dist: Dist, is_correct, max_new_tokens=16, batch_size=64):
+    """Exact-match accuracy of greedy answers to `records` ({"prompt", "answer"}), split over ranks."""
+    from data import batching, chat  # local: keeps common.py importable without the data package
+    import model as M
+
+    was_training = model.training
+    model.eval()
+    mine, correct = records[dist.rank::dist.world], 0
+    with unsharded(model), autocast(dist):
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i:i + batch_size]
+            ids, mask = batching.collate_prompts([chat.tokenize_prompt(r, tok, 10**9) for r in chunk], tok.pad_id)
+            toks, cmask = M.generate(model, ids.to(dist.device), mask.to(dist.device), max_new_tokens,
+                                     temperature=0, eos_ids=tok.stop_ids, pad_id=tok.pad_id)
+            for r, row, m in zip(chunk, toks[:, ids.shape[1]:].tolist(), cmask.tolist()):
+                text = tok.tokenizer.decode([t for t, keep in zip(row, m) if keep], skip_special_tokens=True)
+                correct += bool(is_correct(text, r["answer"]))
+    model.train(was_training)
+    return all_sum(correct, dist) / max(len(records), 1)
