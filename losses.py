@@ -1,0 +1,485 @@
+"""
+Every post-training objective in nanotrl, as a small pure function of tensors.
+
+No models, no config objects, no distributed code: each function takes log-probs, scores or
+rewards and returns a loss (plus detached metrics where useful). Open the function for your
+algorithm, read the paper's equation, change it, rerun.
+
+Conventions (everywhere in nanotrl):
+  - `labels[b, t]` is the token that position `t` predicts. The shift is done once, where batches
+    are built (data/batching.py: labels = input_ids shifted left by one; train_ppo.py for rollouts).
+  - Masks are `[B, T]`, bool or float 0/1; 1 marks a token that counts (usually completion tokens).
+  - Sequence log-probs (`chosen_logps` etc.) are sums over the completion tokens, unless a function
+    says it wants averages (IPO, SimPO, ORPO).
+  - Metrics returned beside a loss are detached; losses are not.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# Token log-probs
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_autocast(t):
+    # The model may call the head under bf16 autocast, which would silently run our fp32 matmuls
+    # in bf16: log-probs of a 150k vocabulary need fp32 logits.
+    return torch.autocast(t.device.type, enabled=False)
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T)[labels], never materialising more than [chunk, V] logits.
+
+    The forward keeps only the per-position logsumexp [N]; the backward recomputes each chunk's
+    logits and uses d logp_i / d logits_i = onehot(label_i) - softmax(logits_i).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):  # [N, D], [V, D], [N] long -> [N]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for exact tests
+        w = weight.to(dtype)
+        logps = hidden.new_empty(labels.shape, dtype=dtype)
+        lse = torch.empty_like(logps)
+        with _no_autocast(hidden):
+            for s in range(0, labels.numel(), chunk_size):
+                e = s + chunk_size
+                logits = hidden[s:e].to(dtype) @ w.T  # [C, V]
+                lse[s:e] = torch.logsumexp(logits, dim=-1)
+                logps[s:e] = logits.gather(1, labels[s:e, None]).squeeze(1) - lse[s:e]
+                del logits  # free before the next chunk is allocated
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = lse.dtype
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(w) if need_w else None  # accumulated over chunks in fp32
+        with _no_autocast(hidden):
+            for s in range(0, labels.numel(), ctx.chunk_size):
+                e = s + ctx.chunk_size
+                h, g = hidden[s:e].to(dtype), grad_logps[s:e].to(dtype)
+                # dlogits = g * (onehot - softmax), built in place in the one [C, V] buffer
+                dlogits = (h @ w.T).sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
+                dlogits.scatter_add_(1, labels[s:e, None], g[:, None])
+                if need_h:
+                    grad_h[s:e] = dlogits @ w
+                if need_w:
+                    grad_w.addmm_(dlogits.T, h)
+                del dlogits
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+
+
+def logprobs_from_hidden(hidden, lm_head_weight, labels, chunk_size=1024):
+    """Per-token log-probs of `labels` straight from the last hidden states, chunked over positions.
+
+    hidden [B, T, D] (or [N, D]), lm_head_weight [V, D], labels [B, T] (or [N]) -> logps [B, T] fp32.
+
+    Equal to `log_softmax(hidden @ W.T, -1).gather(-1, labels)`, but the [T, V] logits never
+    exist: each chunk of `chunk_size` positions is projected in fp32, reduced to its logsumexp, and
+    recomputed in the backward pass. Peak extra memory is O(chunk_size * V) forward and backward
+    instead of O(B * T * V) (151,936 x 2,048 fp32 logits alone are 1.2 GB, and autograd keeps
+    several such tensors). Gradients flow to `hidden` and `lm_head_weight` (tied or not) in their
+    own dtypes. Same idea as Liger-Kernel's fused linear cross-entropy (Hsu et al., 2024), in torch.
+
+    Labels that are negative (-100) are clamped to 0 so gather never fails: the value returned at
+    those positions is meaningless and masking it out is the caller's job.
+    """
+    labels = labels.clamp(min=0).long()
+    flat = _ChunkedLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight,
+                                  labels.reshape(-1), chunk_size)
+    return flat.view(labels.shape)
+
+
+def logprobs_from_logits(logits, labels):
+    """Per-token log-probs of `labels` from full logits, in fp32. For small vocabularies.
+
+    logits [B, T, V], labels [B, T] -> logps [B, T]. Negative labels are clamped to 0 (mask them).
+    """
+    logits = logits.float()
+    labels = labels.clamp(min=0).long()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def entropy_from_hidden(hidden, lm_head_weight, chunk_size=1024):
+    """Per-token entropy of the policy from the last hidden states, chunked like the log-probs.
+
+    hidden [B, T, D] (or [N, D]), lm_head_weight [V, D] -> entropy [B, T] fp32. A metric, so no
+    gradient: peak memory is O(chunk_size * V).
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    w = lm_head_weight.to(dtype)
+    with _no_autocast(hidden):
+        chunks = [entropy_from_logits(flat[s:s + chunk_size].to(dtype) @ w.T)
+                  for s in range(0, flat.shape[0], chunk_size)]
+    return torch.cat(chunks).view(hidden.shape[:-1])
+
+
+def entropy_from_logits(logits):
+    """Entropy of softmax(logits) in nats, in fp32: logits [..., V] -> [...].
+
+    H = logsumexp(l) - sum_v softmax(l)_v * l_v, which avoids log(0) for tiny probabilities.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised fine-tuning
+# ---------------------------------------------------------------------------------------------
+
+
+def sft_loss(logps, mask, num_tokens):
+    """Masked token negative log-likelihood, normalised by the whole optimizer step's token count.
+
+    logps [B, T], mask [B, T], num_tokens (int or 0-d tensor) -> scalar.
+
+    loss = -sum(logps * mask) / num_tokens, where `num_tokens` is the number of loss tokens in the
+    whole optimizer step: summed over all gradient-accumulation micro-batches and all ranks (the
+    caller all-reduces it before the step). Summing this loss over micro-batches (and over ranks,
+    which gradient all-reduce does) then gives exactly the token mean of the full batch. Averaging
+    per-micro-batch token means instead over-weights tokens of micro-batches with few tokens, a
+    known gradient-accumulation bug (Hugging Face "Fixing Gradient Accumulation", Oct 2024).
+    """
+    return -(logps * mask).sum() / num_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference optimisation (offline)
+# ---------------------------------------------------------------------------------------------
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "nca_pair", "bco_pair", "sppo_hard",
+                  "apo_zero", "apo_down", "exo_pair")
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
+             loss_type="sigmoid", label_smoothing=0.0, delta=0.0):
+    """The DPO family of pairwise losses, with TRL's formulas (`DPOTrainer.dpo_loss`).
+
+    All inputs [B] (sequence log-probs of the policy and the frozen reference; pass zeros for the
+    reference to train reference-free) -> (losses [B], chosen_rewards [B], rejected_rewards [B]),
+    where the implicit rewards beta * (policy - reference) are detached.
+
+    With r_w = chosen - ref_chosen, r_l = rejected - ref_rejected and margin m = r_w - r_l:
+      sigmoid   -logsigmoid(beta m)                              DPO, Rafailov et al. 2023
+                with label_smoothing e: (1-e)(-logsigmoid(beta m)) + e(-logsigmoid(-beta m)),
+                cDPO (Mitchell 2023): cross-entropy against a 1-e preference label
+      robust    ((1-e)(-logsigmoid(beta m)) - e(-logsigmoid(-beta m))) / (1-2e), rDPO,
+                Chowdhury et al. 2024: unbiased when labels are flipped with probability e
+      ipo       (m - 1/(2 beta))^2, IPO, Azar et al. 2023. Pass AVERAGE per-token log-probs
+                (as TRL does); beta is the paper's tau
+      hinge     relu(1 - beta m), SLiC, Zhao et al. 2023
+      nca_pair  -logsigmoid(beta r_w) - logsigmoid(-beta r_w)/2 - logsigmoid(-beta r_l)/2,
+                NCA, Chen et al. 2024
+      bco_pair  -logsigmoid(beta r_w - delta) - logsigmoid(-(beta r_l - delta)), BCO, Jung et
+                al. 2024. TRL keeps `delta` as a running mean of the batch rewards; here the
+                caller passes it (default 0)
+      sppo_hard (r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2, SPPO with hard 0/1 win
+                probabilities, Wu et al. 2024
+      apo_zero  (1 - sigmoid(beta r_w)) + sigmoid(beta r_l), APO-zero, D'Oosterlinck et al. 2024
+      apo_down  sigmoid(beta r_w) + (1 - sigmoid(beta m)), APO-down, same paper
+      exo_pair  KL(Bernoulli(sigmoid(beta m)) || Bernoulli(1-e)), EXO eq. 16, Ji et al. 2024;
+                e = label_smoothing, or 1e-3 when it is 0 (as in TRL)
+    """
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    logits = chosen_logratios - rejected_logratios  # m
+    ls = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits) * (1 - ls) - F.logsigmoid(-beta * logits) * ls
+    elif loss_type == "robust":
+        losses = (-F.logsigmoid(beta * logits) * (1 - ls)
+                  + F.logsigmoid(-beta * logits) * ls) / (1 - 2 * ls)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    elif loss_type == "nca_pair":
+        losses = (-F.logsigmoid(beta * chosen_logratios)
+                  - 0.5 * F.logsigmoid(-beta * chosen_logratios)
+                  - 0.5 * F.logsigmoid(-beta * rejected_logratios))
+    elif loss_type == "bco_pair":
+        losses = (-F.logsigmoid(beta * chosen_logratios - delta)
+                  - F.logsigmoid(-(beta * rejected_logratios - delta)))
+    elif loss_type == "sppo_hard":
+        losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    elif loss_type == "apo_zero":
+        losses = (1 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
+    elif loss_type == "apo_down":
+        losses = torch.sigmoid(beta * chosen_logratios) + (1 - torch.sigmoid(beta * logits))
+    elif loss_type == "exo_pair":
+        eps = ls if ls > 0 else 1e-3  # the target must not be exactly 0/1, or its log is -inf
+        losses = (torch.sigmoid(beta * logits) * (F.logsigmoid(beta * logits) - math.log(1 - eps))
+                  + torch.sigmoid(-beta * logits) * (F.logsigmoid(-beta * logits) - math.log(eps)))
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def simpo_loss(chosen_avg_logps, rejected_avg_logps, beta=2.0, gamma_beta_ratio=0.5):
+    """SimPO (Meng et al., 2024): reference-free, length-normalised, with a target margin.
+
+    chosen_avg_logps, rejected_avg_logps [B] (AVERAGE per-token log-probs)
+    -> (losses [B], chosen_rewards [B], rejected_rewards [B]), rewards = beta * avg_logps, detached.
+
+    losses = -logsigmoid(beta * (c - r) - gamma), with gamma = gamma_beta_ratio * beta, i.e.
+    -logsigmoid(beta * ((c - r) - gamma_beta_ratio)) as in TRL's CPOTrainer.
+    """
+    logits = (chosen_avg_logps - rejected_avg_logps) - gamma_beta_ratio
+    losses = -F.logsigmoid(beta * logits)
+    return losses, beta * chosen_avg_logps.detach(), beta * rejected_avg_logps.detach()
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable near 0 (where 1 - exp(x) loses all precision)."""
+    return torch.log(-torch.expm1(x))
+
+
+def orpo_loss(chosen_avg_logps, rejected_avg_logps, beta=0.1):
+    """ORPO's odds-ratio term (Hong et al., 2024), which the trainer adds to the chosen NLL.
+
+    chosen_avg_logps, rejected_avg_logps [B] (AVERAGE per-token log-probs, so each is log p with
+    p in (0, 1)) -> (losses [B], chosen_rewards [B], rejected_rewards [B], log_odds [B]); rewards
+    = beta * avg_logps and log_odds are detached.
+
+    odds(p) = p / (1 - p);  log_odds = log odds(p_w) - log odds(p_l)
+            = (c - r) - (log(1 - e^c) - log(1 - e^r));  losses = -beta * logsigmoid(log_odds).
+    """
+    log_odds = (chosen_avg_logps - rejected_avg_logps) - (
+        _log1mexp(chosen_avg_logps) - _log1mexp(rejected_avg_logps))
+    losses = -beta * F.logsigmoid(log_odds)
+    return (losses, beta * chosen_avg_logps.detach(), beta * rejected_avg_logps.detach(),
+            log_odds.detach())
+
+
+def kto_loss(policy_logps, ref_logps, desirable, kl, beta=0.1, desirable_weight=1.0,
+             undesirable_weight=1.0):
+    """KTO (Ethayarajh et al., 2024): prospect-theoretic loss on unpaired good/bad completions.
+
+    policy_logps, ref_logps [B] sequence log-probs; desirable bool [B]; kl 0-d tensor, the
+    reference point z_0 (TRL: mean over the batch of policy - ref log-probs on mismatched
+    prompt/completion pairs, gathered across ranks) -> (losses [B], rewards [B] detached).
+
+    With r = policy - ref and z = max(kl, 0) detached (no gradient flows through the baseline):
+      desirable:   w_d * (1 - sigmoid(beta * (r - z)))
+      undesirable: w_u * (1 - sigmoid(beta * (z - r)))
+    TRL's loss is the mean of `losses` over the batch.
+    """
+    logratios = policy_logps - ref_logps
+    z = torch.as_tensor(kl, dtype=logratios.dtype, device=logratios.device).detach().clamp(min=0)
+    losses = torch.where(desirable,
+                         desirable_weight * (1 - torch.sigmoid(beta * (logratios - z))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z - logratios))))
+    return losses, beta * logratios.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model
+# ---------------------------------------------------------------------------------------------
+
+
+def reward_loss(chosen_scores, rejected_scores, margin=None, center_coef=0.0):
+    """Bradley-Terry pairwise loss for a reward model (Ouyang et al., 2022), as in TRL.
+
+    chosen_scores, rejected_scores [B]; margin [B] or None (Llama 2's preference-strength margin,
+    Touvron et al. 2023) -> (loss scalar, accuracy scalar detached).
+
+    loss = mean(-logsigmoid(chosen - rejected - margin)) + center_coef * mean((chosen + rejected)^2)
+    The centering term (Eisenstein et al., 2023) pulls the scores towards zero mean, since the BT
+    loss only sees differences.
+    """
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen_scores + rejected_scores) ** 2).mean()
+    accuracy = (chosen_scores > rejected_scores).to(diff.dtype).mean().detach()
+    return loss, accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# RL: KL penalties, masked statistics, advantages
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logps, ref_logps, kind="k1"):
+    """Per-token estimators of KL(policy || ref) from samples of the policy (Schulman, 2020,
+    "Approximating KL Divergence"). logps, ref_logps [B, T] -> [B, T], no reduction.
+
+      k1 = logp - ref                      unbiased, can be negative (PPO-RLHF reward penalty)
+      k2 = (logp - ref)^2 / 2              biased, low variance, >= 0
+      k3 = exp(ref - logp) - (ref - logp) - 1   unbiased, >= 0 (GRPO's KL term)
+    """
+    log_ratio = logps - ref_logps
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return torch.exp(-log_ratio) + log_ratio - 1
+    raise ValueError(f"unknown kl kind {kind!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over positions where mask is 1. x, mask [B, T]; dim None (all) or an int.
+
+    An all-zero mask (or row) gives 0 rather than nan.
+    """
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1e-8)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1e-8)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """Normalise x to zero mean and unit variance over the masked positions (as TRL).
+
+    x, mask [B, T] -> [B, T], zero outside the mask. The variance is unbiased (n - 1); with
+    shift_mean=False the original mean is added back (only the scale changes).
+    """
+    mask = mask.to(x.dtype)
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized Advantage Estimation (Schulman et al., 2016) for right-padded sequences.
+
+    rewards [B, T] per-token rewards (in RLHF: -kl_coef * KL per token, plus the reward model's
+    score on the last completion token), values [B, T] critic values, mask [B, T] right-padded
+    -> (advantages [B, T], returns [B, T]), zero outside the mask; returns = advantages + values.
+
+      delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1},
+    with V and A taken as 0 after the last valid token (the episode ends there).
+    Pass detached values: these are regression targets, not something to differentiate.
+    """
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def group_advantages(rewards, group_size, scale=True, eps=1e-4):
+    """GRPO's group-relative advantages (Shao et al., 2024, DeepSeekMath).
+
+    rewards [N] for N = prompts * group_size, laid out as consecutive groups of the same prompt
+    -> advantages [N]. A = (r - mean_group) / (std_group + eps), std unbiased (torch.std, as TRL).
+    scale=False drops the division (Dr. GRPO, Liu et al., 2025: the std rescaling biases learning
+    towards too easy and too hard prompts).
+    """
+    r = rewards.view(-1, group_size)
+    advantages = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (r.std(dim=1, keepdim=True) + eps)
+    return advantages.view(-1)
+
+
+def rloo_advantages(rewards, group_size):
+    """REINFORCE Leave-One-Out (Kool et al., 2019; Ahmadian et al., 2024).
+
+    rewards [N], consecutive groups of group_size >= 2 -> advantages [N]:
+    A_i = r_i - mean of the other group_size - 1 rewards of its group (an unbiased baseline).
+    """
+    r = rewards.view(-1, group_size)
+    baseline = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
+    return (r - baseline).view(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# RL: policy and value losses
+# ---------------------------------------------------------------------------------------------
+
+
+def policy_gradient_loss(per_token_loss, mask, agg="dapo", max_len=None):
+    """Reduce a per-token loss [B, T] with mask [B, T] to a scalar; the choice matters.
+
+      grpo     mean over each sequence's tokens, then mean over sequences (GRPO, Shao et al.
+               2024): a token in a long answer weighs less than one in a short answer
+      dr_grpo  sum over all tokens / (B * max_len), a constant (Dr. GRPO, Liu et al. 2025);
+               max_len is the maximum completion length, default T
+      dapo     sum over all tokens / number of tokens, the token-level mean (DAPO, Yu et al. 2025)
+
+    With gradient accumulation, "dapo" is a mean within this micro-batch only; see `sft_loss` for
+    normalising by the whole step's token count instead.
+    """
+    mask = mask.to(per_token_loss.dtype)
+    if agg == "grpo":
+        return masked_mean(per_token_loss, mask, dim=-1).mean()
+    if agg == "dr_grpo":
+        B, T = mask.shape
+        return (per_token_loss * mask).sum() / (B * (max_len or T))
+    if agg == "dapo":
+        return masked_mean(per_token_loss, mask)
+    raise ValueError(f"unknown agg {agg!r}; expected 'grpo', 'dr_grpo' or 'dapo'")
+
+
+def ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_high=None,
+                    agg="dapo", max_len=None):
+    """PPO's clipped surrogate objective (Schulman et al., 2017), as a loss to minimise.
+
+    logps [B, T] current policy; old_logps [B, T] detached, from the policy that sampled;
+    advantages [B, T] token-level (GRPO/RLOO broadcast a sequence advantage over its tokens);
+    mask [B, T] -> (loss scalar, stats dict of detached scalars).
+
+      ratio = exp(logps - old_logps)
+      per-token loss = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))
+    clip_eps_high defaults to clip_eps; a larger one is DAPO's "clip-higher" (Yu et al., 2025).
+    The per-token loss is reduced by `policy_gradient_loss(agg)`: the default "dapo" is the token
+    mean over the mask (PPO); GRPO uses agg="grpo" or "dr_grpo".
+
+    stats: clipfrac (fraction of tokens where the clipped term is active), approx_kl (the k3
+    estimator of KL(old || new), >= 0), ratio_mean.
+    """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
+    loss = policy_gradient_loss(torch.maximum(unclipped, clipped), mask, agg, max_len)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
+    """PPO's clipped value loss (as in OpenAI's baselines and TRL's PPO).
+
+    values [B, T] current critic; old_values [B, T] critic at rollout time; returns [B, T] GAE
+    targets; mask [B, T] -> (loss scalar, stats dict {vf_clipfrac}).
+
+      v_clip = old + clip(values - old, -clip, clip)
+      loss = 0.5 * masked_mean(max((values - R)^2, (v_clip - R)^2))
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped = (values - returns) ** 2
+    clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
+    return loss, stats
