@@ -24,6 +24,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+import losses
+import model as M
+
 
 # ----------------------------------------------------------------------------- config
 
@@ -48,6 +51,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100     # 0 = only at the end
     save_every: int = 0       # sharded checkpoint every N steps; 0 = only on SIGTERM
+    stop_after: int = 0       # checkpoint and exit after this step (time-boxed jobs); 0 = off
     resume: bool = False      # continue from the latest checkpoint in out/checkpoints
     chunk_size: int = 1024    # positions per chunk for log-probs over the vocabulary
 
@@ -216,17 +220,21 @@ def latest_checkpoint(out):
     return os.path.join(d, f"step_{max(steps):08d}") if steps else None
 
 
-def save_checkpoint(out, step, model, opt, dist: Dist, extra=None):
-    """A sharded, resumable checkpoint (model, optimizer, step, per-rank RNG, script extras) written
-    with torch.distributed.checkpoint into a temp dir that is renamed only once complete."""
+def save_checkpoint(out, step, dist: Dist, parts: dict, extra=None):
+    """A sharded, resumable checkpoint written with torch.distributed.checkpoint into a temp dir
+    that is renamed only once complete. parts: {"policy": (model, optimizer), ...}. Also saves
+    the step, each rank's RNG state and the script's `extra` (JSON)."""
     final = os.path.join(out, "checkpoints", f"step_{step:08d}")
     tmp = final + ".tmp"
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier(dist)
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    state = {}
+    for name, (model, opt) in parts.items():
+        msd, osd = get_state_dict(model, opt)
+        state[name] = {"model": msd, "optim": osd}
+    dcp.save(state, checkpoint_id=tmp)
     torch.save({"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, f"rng_rank{dist.rank}.pt"))
     if dist.main:
@@ -240,14 +248,18 @@ def save_checkpoint(out, step, model, opt, dist: Dist, extra=None):
     return final
 
 
-def load_checkpoint(path, model, opt, dist: Dist) -> dict:
-    """Restore what save_checkpoint wrote; returns its state.json (step and script extras)."""
+def load_checkpoint(path, dist: Dist, parts: dict) -> dict:
+    """Restore what save_checkpoint wrote into `parts` (same names); returns its state.json.
+    The RNG state is restored only when the world size matches (it is per rank)."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    msd, osd = get_state_dict(model, opt)
-    sd = {"model": msd, "optim": osd}
+    sd = {}
+    for name, (model, opt) in parts.items():
+        msd, osd = get_state_dict(model, opt)
+        sd[name] = {"model": msd, "optim": osd}
     dcp.load(sd, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    for name, (model, opt) in parts.items():
+        set_state_dict(model, opt, model_state_dict=sd[name]["model"], optim_state_dict=sd[name]["optim"])
     rng_file = os.path.join(path, f"rng_rank{dist.rank}.pt")
     if state["world"] == dist.world and os.path.exists(rng_file):
         rng = torch.load(rng_file, weights_only=False)
@@ -255,6 +267,26 @@ def load_checkpoint(path, model, opt, dist: Dist) -> dict:
         if rng["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda_rng"])
     return state
+
+
+def checkpoint_or_stop(done, cfg: TrainConfig, dist: Dist, preempt, parts: dict) -> bool:
+    """After `done` optimizer steps: the periodic checkpoint, and a last one on SIGTERM or at
+    --stop-after. True means the run must exit now (and continue later with --resume)."""
+    stop = preempt.requested(dist) or done == cfg.stop_after
+    if (cfg.save_every and done % cfg.save_every == 0) or stop:
+        save_checkpoint(cfg.out, done, dist, parts)
+    if stop:
+        print0(f"stopping after step {done} with a checkpoint; continue with --resume")
+    return stop
+
+
+def save_final(model, cfg: TrainConfig, dist: Dist, tokenizer_dir):
+    """The finished model as an HF directory in out/model, gathered from the shards on rank 0."""
+    sd = full_state_dict(model, dist)
+    if dist.main:
+        path = M.save_pretrained(model, os.path.join(cfg.out, "model"), state_dict=sd, tokenizer_dir=tokenizer_dir)
+        print0(f"saved {path}")
+    barrier(dist)
 
 
 def barrier(dist: Dist):
@@ -310,13 +342,33 @@ class Logger:
         print(f"step {step}/{self.max_steps}  {shown}  eta {eta // 60}m{eta % 60:02d}s", flush=True)
 
 
+# ----------------------------------------------------------------------------- forward helpers
+
+def token_logps(model, batch, dist: Dist, chunk_size, packed=False):
+    """Per-token log-probs [B, T] of batch["labels"] where batch["loss_mask"] is set (0 elsewhere),
+    and the mask. Only the masked positions go through the LM head, in chunks, so neither
+    [B, T, V] fp32 logits nor the head's cost on prompt tokens are ever paid."""
+    b = {k: v.to(dist.device) for k, v in batch.items()}
+    sel = b["loss_mask"] > 0
+
+    def head(h, w):
+        out = torch.zeros(sel.shape, dtype=torch.float32, device=h.device)
+        out[sel] = losses.logprobs_from_hidden(h[sel], w, b["labels"][sel], chunk_size)
+        return out
+
+    # Right-padded rows need no mask (padding comes after every real token, so causal attention
+    # never reaches it) and take SDPA's fast causal path; packed rows need the document mask.
+    with autocast(dist):
+        logps = model(b["input_ids"], b["attention_mask"] if packed else None, b["position_ids"], head_fn=head)
+    return logps, b["loss_mask"]
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def eval_accuracy(model, tok, records, dist: Dist, is_correct, max_new_tokens=16, batch_size=64):
     """Exact-match accuracy of greedy answers to `records` ({"prompt", "answer"}), split over ranks."""
     from data import batching, chat  # local: keeps common.py importable without the data package
-    import model as M
 
     was_training = model.training
     model.eval()
@@ -332,3 +384,59 @@ def eval_accuracy(model, tok, records, dist: Dist, is_correct, max_new_tokens=16
                 correct += bool(is_correct(text, r["answer"]))
     model.train(was_training)
     return all_sum(correct, dist) / max(len(records), 1)
+
+
+# ----------------------------------------------------------------------------- built-in task stages
+
+SFT_DIR = "runs/sft"
+
+
+def ensure_sft_model(dist: Dist, seed=0, max_steps=0):
+    """The built-in task's SFT model (runs/sft/model), trained here first if it does not exist, so
+    that `train_dpo.py` / `train_ppo.py` with no arguments work from a fresh clone."""
+    path = os.path.join(SFT_DIR, "model")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        import train_sft
+
+        print0(f"no SFT model at {path}: training it first (train_sft.py defaults)")
+        sft = train_sft.SFTConfig(out=SFT_DIR, seed=seed)
+        if max_steps:
+            sft.max_steps = max_steps
+        train_sft.main(sft)
+    return path
+
+
+@torch.no_grad()
+def sample_preference_pairs(policy, tok, records, dist: Dist, is_correct, samples=8, seed=0,
+                            max_new_tokens=16, batch_size=256):
+    """On-policy preference pairs, the way real pipelines make them: sample `samples` answers per
+    prompt at temperature 1, judge each with the verifier, and pair distinct correct answers
+    (chosen) with distinct wrong ones (rejected). Prompts are split over ranks and the pairs
+    gathered, in prompt order, on every rank."""
+    from data import batching, chat
+
+    g = torch.Generator(dist.device).manual_seed(seed * 1000 + dist.rank)
+    mine = list(range(dist.rank, len(records), dist.world))
+    per_batch = max(1, batch_size // samples)
+    found = []
+    policy.eval()
+    with unsharded(policy), autocast(dist):
+        for i in range(0, len(mine), per_batch):
+            chunk = mine[i:i + per_batch]
+            prompts = [chat.tokenize_prompt(records[j], tok, 10**9) for j in chunk for _ in range(samples)]
+            ids, mask = batching.collate_prompts(prompts, tok.pad_id)
+            toks, cmask = M.generate(policy, ids.to(dist.device), mask.to(dist.device), max_new_tokens,
+                                     temperature=1.0, eos_ids=tok.stop_ids, pad_id=tok.pad_id, generator=g)
+            texts = [tok.tokenizer.decode([t for t, k in zip(row, m) if k], skip_special_tokens=True)
+                     for row, m in zip(toks[:, ids.shape[1]:].tolist(), cmask.tolist())]
+            for n, j in enumerate(chunk):
+                answers = texts[n * samples:(n + 1) * samples]
+                good = list(dict.fromkeys(a for a in answers if is_correct(a, records[j]["answer"])))
+                bad = list(dict.fromkeys(a for a in answers if not is_correct(a, records[j]["answer"])))
+                found += [(j, {"prompt": records[j]["prompt"], "chosen": c, "rejected": r}) for c, r in zip(good, bad)]
+    policy.train()
+    if dist.world > 1:
+        gathered = [None] * dist.world
+        torchdist.all_gather_object(gathered, found)
+        found = [p for part in gathered for p in part]
+    return [p for _, p in sorted(found, key=lambda x: x[0])]

@@ -1,0 +1,89 @@
+"""
+Token lists -> tensors. The one place where the next-token shift happens:
+
+    labels[b, t] = input_ids[b, t + 1]      (the token position t predicts; the last is pad)
+    loss_mask[b, t] = 1 iff token t + 1 is trainable
+
+attention_mask is 0 on padding and a document id (1, 2, ...) on real tokens: model.py attends
+within a document only, so packed rows need nothing else. Sequences are right-padded for training
+and left-padded for generation.
+"""
+import torch
+
+
+def _shift(ids, mask, pad_id):
+    return ids[1:] + [pad_id], mask[1:] + [0]
+
+
+def _stack(rows, pad_id):
+    """Right-pad dict rows of lists (input_ids, labels, loss_mask, attention_mask, position_ids)."""
+    T = max(len(r["input_ids"]) for r in rows)
+    fill = {"input_ids": pad_id, "labels": pad_id, "loss_mask": 0, "attention_mask": 0, "position_ids": 0}
+    out = {k: torch.tensor([r[k] + [v] * (T - len(r[k])) for r in rows]) for k, v in fill.items()}
+    out["loss_mask"] = out["loss_mask"].float()
+    return out
+
+
+def _row(ids, trainable, pad_id):
+    labels, mask = _shift(ids, trainable, pad_id)
+    return {"input_ids": ids, "labels": labels, "loss_mask": mask, "attention_mask": [1] * len(ids),
+            "position_ids": list(range(len(ids)))}
+
+
+def collate_sft(examples, pad_id):
+    """examples: [{"input_ids", "loss_mask"}] -> right-padded batch of [B, T] tensors."""
+    return _stack([_row(e["input_ids"], e["loss_mask"], pad_id) for e in examples], pad_id)
+
+
+def pack_sft(examples, seq_len, pad_id):
+    """Pack examples, in order, into rows of seq_len tokens (a new row when the next one does not
+    fit; an example longer than seq_len is cut to seq_len). Each document gets its own id in
+    attention_mask and positions from 0; the last token of a document never predicts the first
+    of the next (its loss_mask is 0). Returns a [R, seq_len] batch."""
+    rows, cur = [], None
+    for e in examples:
+        ids, m = e["input_ids"][:seq_len], e["loss_mask"][:seq_len]
+        if cur is None or len(cur["input_ids"]) + len(ids) > seq_len:
+            cur = {"input_ids": [], "labels": [], "loss_mask": [], "attention_mask": [], "position_ids": []}
+            rows.append(cur)
+        doc = _row(ids, m, pad_id)
+        doc["attention_mask"] = [max(cur["attention_mask"], default=0) + 1] * len(ids)
+        for k in cur:
+            cur[k] += doc[k]
+    batch = _stack(rows, pad_id)
+    if batch["input_ids"].shape[1] < seq_len:  # every row is exactly seq_len tokens
+        extra = seq_len - batch["input_ids"].shape[1]
+        batch = {k: torch.nn.functional.pad(v, (0, extra), value=pad_id if k in ("input_ids", "labels") else 0)
+                 for k, v in batch.items()}
+    return batch
+
+
+def collate_preference(examples, pad_id):
+    """examples: [{"prompt_ids", "chosen_ids", "rejected_ids"}] -> one batch of 2B rows,
+    [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}], each prompt + completion;
+    loss_mask marks the positions that predict completion tokens."""
+    rows = [_row(e["prompt_ids"] + e[k], [0] * len(e["prompt_ids"]) + [1] * len(e[k]), pad_id)
+            for k in ("chosen_ids", "rejected_ids") for e in examples]
+    return _stack(rows, pad_id)
+
+
+def collate_prompts(prompts, pad_id):
+    """Left-padded prompt ids [B, P] and attention mask [B, P] for generation."""
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def batch_indices(n, batch_size, seed, step, rank=0, world=1):
+    """This rank's example indices for optimizer step `step`: a pure function of its arguments,
+    so resuming needs only the step. Each epoch is a fresh seeded permutation cut into global
+    batches of batch_size * world (the last incomplete one is dropped); rank r takes slice r."""
+    per_step = batch_size * world
+    steps_per_epoch = n // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n} examples are fewer than one global batch ({batch_size} x {world} processes)")
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    start = k * per_step + rank * batch_size
+    return perm[start:start + batch_size].tolist()

@@ -1,0 +1,174 @@
+"""
+Tokenizers and chat rendering with the `tokenizers` library only (no transformers, no jinja).
+
+render_chat builds token ids segment by segment (role header, content, end-of-turn), so the
+assistant mask is exact by construction: 1 on every assistant content token and on the token that
+ends the assistant turn (the model must learn to stop), 0 on everything else. The rendered text
+is the one of the model family's HF chat template:
+
+  chatml  (Qwen2/2.5/3)  <|im_start|>{role}\\n{content}<|im_end|>\\n ...   prompt: <|im_start|>assistant\\n
+  llama3  (Llama 3.x)    <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> ...
+  plain   (GPT-2, the built-in task)   [bos] User: {content}\\n  Assistant: {content}[eos] ...   prompt: "Assistant: "
+
+Differences from the HF templates, on purpose: no default system prompt is injected (Qwen2.5's
+"You are Qwen..." and Llama 3.1's "Cutting Knowledge Date" lines); pass one as a system message.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer
+
+from .formats import DataError, as_messages
+
+
+@dataclass
+class Tok:
+    tokenizer: Tokenizer
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+    stop_ids: list = field(default_factory=list)  # generation stops at any of these
+    chat_format: str = "plain"
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+    def special(self, token):
+        i = self.tokenizer.token_to_id(token)
+        if i is None:
+            raise ValueError(f"chat format {self.chat_format!r} needs the token {token!r}, which the tokenizer lacks")
+        return i
+
+
+def _read_json(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def load_tokenizer(model_dir, chat_format=None) -> Tok:
+    """tokenizer.json plus the special tokens of tokenizer_config.json / generation_config.json /
+    config.json. The chat format is detected from the vocabulary unless given."""
+    tk = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    tcfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
+    gcfg = _read_json(os.path.join(model_dir, "generation_config.json"))
+    mcfg = _read_json(os.path.join(model_dir, "config.json"))
+
+    def tid(name):
+        t = tcfg.get(name)
+        t = t.get("content") if isinstance(t, dict) else t
+        return tk.token_to_id(t) if t else None
+
+    eos_cfg = gcfg.get("eos_token_id", mcfg.get("eos_token_id"))
+    eos_list = eos_cfg if isinstance(eos_cfg, list) else [eos_cfg] if eos_cfg is not None else []
+    eos = tid("eos_token")
+    eos = eos if eos is not None else (eos_list[0] if eos_list else None)
+    if eos is None:
+        raise ValueError(f"{model_dir}: no eos token in tokenizer_config.json, generation_config.json or config.json")
+    bos = tid("bos_token")
+    bos = bos if bos is not None else mcfg.get("bos_token_id")
+    pad = tid("pad_token")
+    pad = pad if pad is not None else mcfg.get("pad_token_id")
+    pad = pad if pad is not None else eos
+    vocab = tk.get_vocab()
+    fmt = chat_format or ("chatml" if "<|im_start|>" in vocab else "llama3" if "<|start_header_id|>" in vocab else "plain")
+    stops = list(dict.fromkeys([eos] + eos_list))
+    if fmt == "chatml":
+        stops = list(dict.fromkeys(stops + [vocab["<|im_end|>"]]))
+    if fmt == "llama3":
+        stops = list(dict.fromkeys(stops + [vocab["<|eot_id|>"]]))
+    return Tok(tk, bos, eos, pad, stops, fmt)
+
+
+def _segments(msg, tok: Tok, first):
+    """(ids, trainable) segments of one message in the tokenizer's chat format."""
+    role, content, fmt = msg["role"], msg["content"], tok.chat_format
+    train = role == "assistant"
+    if fmt == "chatml":
+        return [([tok.special("<|im_start|>")] + tok.encode(f"{role}\n"), False), (tok.encode(content), train),
+                ([tok.special("<|im_end|>")], train), (tok.encode("\n"), False)]
+    if fmt == "llama3":
+        head = ([tok.special("<|begin_of_text|>")] if first else []) + [tok.special("<|start_header_id|>")] + \
+            tok.encode(role) + [tok.special("<|end_header_id|>")] + tok.encode("\n\n")
+        return [(head, False), (tok.encode(content.strip()), train), ([tok.special("<|eot_id|>")], train)]
+    bos = [tok.bos_id] if first and tok.bos_id is not None else []
+    if role == "assistant":
+        return [(bos + tok.encode("Assistant: "), False), (tok.encode(content), True), ([tok.eos_id], True)]
+    return [(bos + tok.encode(f"{role.capitalize()}: {content}\n"), False)]
+
+
+def _generation_prompt(tok: Tok, first):
+    if tok.chat_format == "chatml":
+        return [tok.special("<|im_start|>")] + tok.encode("assistant\n")
+    if tok.chat_format == "llama3":
+        return ([tok.special("<|begin_of_text|>")] if first else []) + [tok.special("<|start_header_id|>")] + \
+            tok.encode("assistant") + [tok.special("<|end_header_id|>")] + tok.encode("\n\n")
+    return ([tok.bos_id] if first and tok.bos_id is not None else []) + tok.encode("Assistant: ")
+
+
+def render_chat(messages, tok: Tok, add_generation_prompt=False):
+    """Token ids of a conversation and its assistant mask (1 = train on this token)."""
+    ids, mask = [], []
+    for i, msg in enumerate(messages):
+        for seg, train in _segments(msg, tok, i == 0):
+            ids += seg
+            mask += [int(train)] * len(seg)
+    if add_generation_prompt:
+        seg = _generation_prompt(tok, not messages)
+        ids, mask = ids + seg, mask + [0] * len(seg)
+    return ids, mask
+
+
+def tokenize_sft(example, tok: Tok, max_length, train_on_prompt=False):
+    """{"input_ids", "loss_mask"} of an SFT example ({"messages"} or {"text"}).
+
+    Truncation: the end is cut to max_length tokens (the start of a conversation is kept, as in
+    TRL). An example left with no trainable token raises DataError: raise --max-length or fix it."""
+    if "text" in example:
+        ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(example["text"]) + [tok.eos_id]
+        mask = [1] * len(ids)
+    else:
+        ids, mask = render_chat(example["messages"], tok)
+        if train_on_prompt:
+            mask = [1] * len(ids)
+    ids, mask = ids[:max_length], mask[:max_length]
+    if not any(mask):
+        raise DataError(f"example {str(example)[:120]}...: no trainable token left after truncation to "
+                        f"max_length={max_length}")
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+def tokenize_prompt(example, tok: Tok, max_prompt_length):
+    """Prompt ids ending with the assistant generation prompt; the start is cut (keep the end,
+    which holds the question) to max_prompt_length tokens."""
+    ids, _ = render_chat(as_messages(example["prompt"], "user"), tok, add_generation_prompt=True)
+    return ids[-max_prompt_length:]
+
+
+def _completion(prompt_msgs, completion, tok):
+    """Ids of the assistant completion after the prompt: content + end-of-turn token."""
+    full, mask = render_chat(prompt_msgs + as_messages(completion, "assistant"), tok)
+    start, _ = render_chat(prompt_msgs, tok, add_generation_prompt=True)
+    assert full[:len(start)] == start, "the generation prompt must be a prefix of the rendered answer"
+    ids = full[len(start):]
+    last = max(i for i, m in enumerate(mask[len(start):]) if m) if any(mask[len(start):]) else -1
+    return ids[:last + 1]  # drop the template's trailing separator (chatml's "\n")
+
+
+def tokenize_preference(example, tok: Tok, max_length, max_prompt_length):
+    """{"prompt_ids", "chosen_ids", "rejected_ids"}; completions end with the end-of-turn token.
+
+    Truncation (TRL's rule): if prompt + longer completion exceeds max_length, the prompt keeps
+    its last max_prompt_length tokens, then both completions are cut to max_length - len(prompt)."""
+    prompt_msgs = as_messages(example["prompt"], "user")
+    prompt, _ = render_chat(prompt_msgs, tok, add_generation_prompt=True)
+    chosen, rejected = _completion(prompt_msgs, example["chosen"], tok), _completion(prompt_msgs, example["rejected"], tok)
+    if len(prompt) + max(len(chosen), len(rejected)) > max_length:
+        prompt = prompt[-max_prompt_length:]
+        keep = max_length - len(prompt)
+        if keep <= 0:
+            raise DataError(f"max_prompt_length={max_prompt_length} leaves no room for completions in max_length={max_length}")
+        chosen, rejected = chosen[:keep], rejected[:keep]
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}

@@ -1,0 +1,131 @@
+"""
+JSONL readers for TRL's dataset field names. Every record is validated; a bad one raises
+DataError naming the file, the line and the field. Nothing is dropped silently.
+
+  SFT         {"messages": [{"role", "content"}, ...]}  |  {"prompt", "completion"}  |  {"text"}
+  preference  {"prompt", "chosen", "rejected"}  |  {"chosen", "rejected"} sharing a prefix (implicit prompt)
+  unpaired    {"prompt", "completion", "label": bool}   (KTO)
+  prompts     {"prompt", ...extra fields}               (RL; extra fields go to the reward function)
+
+prompt/completion/chosen/rejected are strings or lists of messages (TRL's conversational form).
+"""
+import gzip
+import json
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_jsonl(path):
+    """[(line_number, record)] of a .jsonl or .jsonl.gz file; blank lines are skipped."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    out = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            out.append((n, rec))
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+def _field(rec, key, where, kinds=(str, list)):
+    if key not in rec:
+        raise DataError(f"{where}: missing field {key!r}")
+    v = rec[key]
+    if isinstance(v, list):
+        if list not in kinds:
+            raise DataError(f"{where}: field {key!r}: expected a string, got a list")
+        _check_messages(v, f"{where}: field {key!r}")
+    elif not isinstance(v, tuple(k for k in kinds if k is not list)):
+        want = " or ".join({str: "a string", list: "a list of messages", bool: "a boolean"}[k] for k in kinds)
+        raise DataError(f"{where}: field {key!r}: expected {want}, got {type(v).__name__}")
+    return v
+
+
+def _check_messages(msgs, where):
+    if not msgs:
+        raise DataError(f"{where}: empty list of messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i}: expected {{'role': ..., 'content': <string>}}, got {m!r:.80}")
+        if m.get("role") not in ROLES:
+            raise DataError(f"{where}: message {i}: role {m.get('role')!r} is not one of {'/'.join(ROLES)}")
+
+
+def as_messages(x, role):
+    """A string becomes one message of `role`; a message list is returned as is."""
+    return [{"role": role, "content": x}] if isinstance(x, str) else list(x)
+
+
+def load_sft(path):
+    """SFT examples as {"messages": [...]} (prompt/completion become user/assistant) or {"text"}."""
+    out = []
+    for n, rec in read_jsonl(path):
+        where = f"{path}:{n}"
+        if "messages" in rec:
+            msgs = _field(rec, "messages", where, (list,))
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise DataError(f"{where}: field 'messages': no assistant message to train on")
+            out.append({"messages": msgs})
+        elif "text" in rec:
+            out.append({"text": _field(rec, "text", where, (str,))})
+        elif "prompt" in rec or "completion" in rec:
+            prompt, completion = _field(rec, "prompt", where), _field(rec, "completion", where)
+            out.append({"messages": as_messages(prompt, "user") + as_messages(completion, "assistant")})
+        else:
+            raise DataError(f"{where}: expected field 'messages', 'text' or 'prompt'+'completion'; found {sorted(rec)}")
+    return out
+
+
+def load_preference(path):
+    """Pairs as {"prompt": [messages], "chosen": [messages], "rejected": [messages], ...extras}."""
+    out = []
+    for n, rec in read_jsonl(path):
+        where = f"{path}:{n}"
+        chosen, rejected = _field(rec, "chosen", where), _field(rec, "rejected", where)
+        if "prompt" in rec:
+            prompt = as_messages(_field(rec, "prompt", where), "user")
+            chosen, rejected = as_messages(chosen, "assistant"), as_messages(rejected, "assistant")
+        else:  # implicit prompt: two whole conversations sharing their first turns
+            if not (isinstance(chosen, list) and isinstance(rejected, list)):
+                raise DataError(f"{where}: without a 'prompt' field, 'chosen' and 'rejected' must be message lists")
+            k = 0
+            while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+                k += 1
+            if k == 0 or k == len(chosen) or k == len(rejected):
+                raise DataError(f"{where}: 'chosen' and 'rejected' share no prompt prefix, or one contains the other")
+            prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+        extras = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **extras})
+    return out
+
+
+def load_unpaired(path):
+    """KTO examples as {"prompt": [messages], "completion": [messages], "label": bool}."""
+    out = []
+    for n, rec in read_jsonl(path):
+        where = f"{path}:{n}"
+        out.append({"prompt": as_messages(_field(rec, "prompt", where), "user"),
+                    "completion": as_messages(_field(rec, "completion", where), "assistant"),
+                    "label": _field(rec, "label", where, (bool,))})
+    return out
+
+
+def load_prompts(path):
+    """RL / evaluation prompts: {"prompt": str or [messages], ...extra fields kept as they are}."""
+    out = []
+    for n, rec in read_jsonl(path):
+        _field(rec, "prompt", f"{path}:{n}")
+        out.append(rec)
+    return out

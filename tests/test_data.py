@@ -1,0 +1,256 @@
+"""data/: chat masks token by token, the shift, packing, truncation, malformed input, data order,
+the built-in task and the prepare scripts."""
+import gzip
+import json
+import os
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+import model as M
+from data import batching, chat, formats, prepare_gsm8k, prepare_hh, task
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"}]
+
+
+def make_tok(fmt, tmp_path):
+    """A character-level tokenizer with the special tokens of `fmt`, saved as an HF directory."""
+    specials = {"chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                "plain": ["<|pad|>", "<|bos|>", "<|eos|>"]}[fmt]
+    vocab = {t: i for i, t in enumerate(specials + task.CHARS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens(specials)
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tcfg = {"chatml": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+            "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+            "plain": {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}}[fmt]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    tok = chat.load_tokenizer(tmp_path)
+    assert tok.chat_format == fmt
+    return tok
+
+
+EXPECTED = {  # the HF chat templates' text (without injected default system prompts)
+    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+              "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+              "<|im_start|>assistant\n4<|im_end|>\n",
+    "llama3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+              "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+              "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>",
+    "plain": "<|bos|>System: Be brief.\nUser: Hi there\nAssistant: Hello!<|eos|>User: 2+2?\nAssistant: 4<|eos|>",
+}
+END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "plain": "<|eos|>"}
+
+
+@pytest.mark.parametrize("fmt", ["chatml", "llama3", "plain"])
+def test_chat_render_text_and_exact_assistant_mask(fmt, tmp_path):
+    tok = make_tok(fmt, tmp_path)
+    ids, mask = chat.render_chat(CONV, tok)
+    assert tok.tokenizer.decode(ids, skip_special_tokens=False) == EXPECTED[fmt]
+    # token by token: the masked tokens are exactly both assistant turns and their end tokens
+    pieces = [tok.tokenizer.id_to_token(i) for i, m in zip(ids, mask) if m]
+    assert pieces == list("Hello!") + [END[fmt]] + ["4", END[fmt]]
+    # and every masked token sits inside an assistant turn, contiguous per turn
+    runs, prev = 0, 0
+    for m in mask:
+        runs += int(m == 1 and prev == 0)
+        prev = m
+    assert runs == 2
+    # the generation prompt is a prefix of the rendered answer
+    prompt = chat.tokenize_prompt({"prompt": CONV[:4]}, tok, 10**6)
+    assert ids[:len(prompt)] == prompt
+    assert tok.eos_id in tok.stop_ids
+
+
+def test_chat_formats_match_transformers_templates(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = make_tok("chatml", tmp_path)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    # Qwen2's template (default system prompt removed): our text must be what HF renders
+    hf.chat_template = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n'}}"
+                        "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
+    text = hf.apply_chat_template(CONV[:4], tokenize=False, add_generation_prompt=True)
+    assert tok.tokenizer.decode(chat.tokenize_prompt({"prompt": CONV[:4]}, tok, 10**6), skip_special_tokens=False) == text
+
+
+def test_collate_sft_shift_and_mask(tmp_path):
+    tok = make_tok("plain", tmp_path)
+    exs = [chat.tokenize_sft({"messages": CONV[1:3]}, tok, 100), chat.tokenize_sft({"text": "abc"}, tok, 100)]
+    b = batching.collate_sft(exs, tok.pad_id)
+    for r, e in enumerate(exs):
+        n = len(e["input_ids"])
+        assert b["input_ids"][r, :n].tolist() == e["input_ids"]
+        assert b["labels"][r, :n - 1].tolist() == e["input_ids"][1:]
+        assert b["loss_mask"][r, :n - 1].tolist() == e["loss_mask"][1:]
+        assert b["loss_mask"][r, n - 1:].sum() == 0 and b["attention_mask"][r, n:].sum() == 0
+    trained = [tok.tokenizer.id_to_token(int(t)) for t, m in zip(b["labels"][0], b["loss_mask"][0]) if m]
+    assert trained == list("Hello!") + ["<|eos|>"]
+    assert b["loss_mask"][1].sum() == 4  # text: "abc" + eos predicted from bos, a, b, c
+
+
+def test_sft_truncation_keeps_start_and_rejects_empty(tmp_path):
+    tok = make_tok("plain", tmp_path)
+    e = chat.tokenize_sft({"messages": CONV[1:3]}, tok, 30)
+    full = chat.tokenize_sft({"messages": CONV[1:3]}, tok, 1000)
+    assert e["input_ids"] == full["input_ids"][:30] and len(full["input_ids"]) > 30
+    with pytest.raises(formats.DataError, match="no trainable token"):
+        chat.tokenize_sft({"messages": CONV[1:3]}, tok, 10)
+
+
+def test_preference_truncation_rule(tmp_path):
+    tok = make_tok("plain", tmp_path)
+    ex = {"prompt": [{"role": "user", "content": "x" * 40}], "chosen": "c" * 30, "rejected": "r" * 10}
+    full = chat.tokenize_preference(ex, tok, 1000, 1000)
+    P, C, R = (len(full[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    assert (C, R) == (31, 11)  # completion + eos
+    t = chat.tokenize_preference(ex, tok, 60, 20)  # P + C > 60: prompt keeps its last 20, completions cut to 40
+    assert t["prompt_ids"] == full["prompt_ids"][-20:]
+    assert t["chosen_ids"] == full["chosen_ids"] and t["rejected_ids"] == full["rejected_ids"]
+    t = chat.tokenize_preference(ex, tok, 40, 20)
+    assert t["chosen_ids"] == full["chosen_ids"][:20] and t["rejected_ids"] == full["rejected_ids"]
+    same = chat.tokenize_preference(ex, tok, P + C, 5)  # fits: nothing is cut
+    assert same == full
+
+
+def test_collate_preference_rows_and_masks(tmp_path):
+    tok = make_tok("chatml", tmp_path)
+    exs = [chat.tokenize_preference({"prompt": "Hi", "chosen": "Yes", "rejected": "No way"}, tok, 100, 50),
+           chat.tokenize_preference({"prompt": "Hello you", "chosen": "A", "rejected": "B"}, tok, 100, 50)]
+    b = batching.collate_preference(exs, tok.pad_id)
+    assert b["input_ids"].shape[0] == 4
+    for r, (e, k) in enumerate([(exs[0], "chosen_ids"), (exs[1], "chosen_ids"), (exs[0], "rejected_ids"), (exs[1], "rejected_ids")]):
+        targets = [int(t) for t, m in zip(b["labels"][r], b["loss_mask"][r]) if m]
+        assert targets == e[k]
+    assert tok.tokenizer.decode(exs[0]["rejected_ids"], skip_special_tokens=False) == "No way<|im_end|>"
+
+
+def test_packing_isolates_documents(tmp_path):
+    tok = make_tok("plain", tmp_path)
+    exs = [chat.tokenize_sft({"text": t}, tok, 100) for t in ["abcdef", "gh", "ijklmnopq", "rs", "t" * 30]]
+    b = batching.pack_sft(exs, 16, tok.pad_id)
+    assert b["input_ids"].shape[1] == 16
+    docs, ids, pos, mask, labels = b["attention_mask"], b["input_ids"], b["position_ids"], b["loss_mask"], b["labels"]
+    # nothing dropped (the 32-token example is cut to 16, as documented)
+    got = [ids[r][docs[r] == d].tolist() for r in range(len(ids)) for d in range(1, int(docs[r].max()) + 1)]
+    assert got == [e["input_ids"][:16] for e in exs]
+    bias = M.attention_bias(docs, 16)[:, 0]
+    for r in range(len(ids)):
+        for i in range(16):
+            for j in range(16):
+                same = docs[r, i] == docs[r, j] and docs[r, j] > 0 and j <= i
+                assert bool(bias[r, i, j]) == bool(same or i == j)
+        for d in range(1, int(docs[r].max()) + 1):
+            sel = docs[r] == d
+            assert pos[r][sel].tolist() == list(range(int(sel.sum())))
+            last = int(sel.nonzero().max())
+            assert mask[r, last] == 0  # a document's last token never predicts the next document
+            assert labels[r][sel][:-1].tolist() == ids[r][sel][1:].tolist()
+    assert (mask[docs == 0] == 0).all()
+
+
+@pytest.mark.parametrize("line,field", [
+    ('{"prompt": "a", "completion": 3}', "completion"),
+    ('{"prompt": "a"}', "completion"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}', "role 'bot'"),
+    ('{"prompt": "a", "completion": "b"', "invalid JSON"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant"),
+])
+def test_malformed_sft_names_file_line_field(tmp_path, line, field):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "ok", "completion": "fine"}\n' + line + "\n")
+    with pytest.raises(formats.DataError) as e:
+        formats.load_sft(p)
+    assert f"{p}:2" in str(e.value) and field in str(e.value)
+
+
+def test_malformed_preference_and_unpaired(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "a", "chosen": "b", "rejected": 1}\n')
+    with pytest.raises(formats.DataError, match=r"p.jsonl:1: field 'rejected'"):
+        formats.load_preference(p)
+    p.write_text('{"prompt": "a", "completion": "b", "label": "yes"}\n')
+    with pytest.raises(formats.DataError, match=r"p.jsonl:1: field 'label': expected a boolean"):
+        formats.load_unpaired(p)
+
+
+def test_implicit_prompt_preference(tmp_path):
+    p = tmp_path / "p.jsonl"
+    u = {"role": "user", "content": "q"}
+    p.write_text(json.dumps({"chosen": [u, {"role": "assistant", "content": "good"}],
+                             "rejected": [u, {"role": "assistant", "content": "bad"}]}) + "\n")
+    (r,) = formats.load_preference(p)
+    assert r["prompt"] == [u] and r["chosen"][0]["content"] == "good" and r["rejected"][0]["content"] == "bad"
+
+
+def test_batch_indices_rank_aware_and_resumable():
+    n, B, W = 103, 4, 3
+    for step in range(20):
+        parts = [batching.batch_indices(n, B, 7, step, r, W) for r in range(W)]
+        flat = [i for p in parts for i in p]
+        assert len(flat) == B * W == len(set(flat))
+        assert parts == [batching.batch_indices(n, B, 7, step, r, W) for r in range(W)]  # pure function
+    epoch0 = [i for s in range(8) for r in range(W) for i in batching.batch_indices(n, B, 7, s, r, W)]
+    assert len(set(epoch0)) == 96  # 8 global batches of 12 cover 96 distinct examples, 7 dropped
+    assert batching.batch_indices(n, B, 7, 0, 0, W) != batching.batch_indices(n, B, 7, 8, 0, W)  # new epoch, new order
+    # one process with a batch of B * W sees exactly the union of the W ranks
+    assert sorted(batching.batch_indices(n, B * W, 7, 5, 0, 1)) == sorted(
+        i for r in range(W) for i in batching.batch_indices(n, B, 7, 5, r, W))
+
+
+def test_builtin_task_files(tmp_path):
+    a, b = task.ensure_task(str(tmp_path / "a")), task.ensure_task(str(tmp_path / "b"))
+    for f in sorted(os.listdir(a)):
+        assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
+    train, test = formats.load_prompts(os.path.join(a, "train.jsonl")), formats.load_prompts(os.path.join(a, "test.jsonl"))
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    tok = chat.load_tokenizer(a)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (1, 2, 0, [2])
+    for r in train[:200] + test[:200]:
+        x, y = eval(r["prompt"][8:-1].replace("+", ",")), int(r["answer"])  # "What is a+b?"
+        assert sum(x) == y and r["completion"] == r["answer"]
+        ids = tok.encode(r["prompt"])
+        assert 3 not in ids and tok.tokenizer.decode(ids) == r["prompt"]  # no unknown token, exact round trip
+    assert task.is_correct(" 936 ", "936") and not task.is_correct("9360", "936") and not task.is_correct("936 is it", "936")
+    assert task.reward_fn(["p", "q"], ["12", "13"], answer=["12", "12"], other=[1, 2]) == [1.0, 0.0]
+
+
+def test_gsm8k_reward_and_prepare(tmp_path):
+    r = prepare_gsm8k.gsm8k_reward
+    assert r(["q"] * 4, ["so 1,234 apples", "It is 5.0", "7 then 8", "none"], answer=["1234", "5", "7", "3"]) == [1.0, 1.0, 0.0, 0.0]
+    src = tmp_path / "g.jsonl.gz"
+    with gzip.open(src, "wt") as f:
+        f.write(json.dumps({"question": "2*3?", "answer": "2*3=<<2*3=6>>6\n#### 6"}) + "\n")
+    prepare_gsm8k.main(str(src), str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "sft.jsonl").read_text()) == {"prompt": "2*3?", "completion": "2*3=6\n#### 6"}
+    assert json.loads((tmp_path / "out" / "rl.jsonl").read_text()) == {"prompt": "2*3?", "answer": "6"}
+
+
+def test_prepare_hh_parses_dialogues(tmp_path):
+    rec = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant: sure",
+           "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant: no"}
+    out = prepare_hh.convert(rec)
+    assert [m["role"] for m in out["prompt"]] == ["user", "assistant", "user"]
+    assert out["chosen"] == [{"role": "assistant", "content": "sure"}] and out["rejected"][0]["content"] == "no"
+    with pytest.raises(ValueError):
+        prepare_hh.convert({"chosen": rec["chosen"], "rejected": "\n\nHuman: other\n\nAssistant: no"})
+
+
+def test_prepare_hh_on_real_data(tmp_path):
+    src = os.path.join(SHARED, "hh-rlhf-harmless-base-test.jsonl.gz")
+    if not os.path.exists(src):
+        pytest.skip("../shared/data not present")
+    out, skipped = prepare_hh.main(src, str(tmp_path / "hh.jsonl"))
+    assert len(out) > 0.95 * (len(out) + len(skipped))
+    pairs = formats.load_preference(tmp_path / "hh.jsonl")  # our own reader accepts the output
+    for p in pairs:
+        roles = [m["role"] for m in p["prompt"]]
+        assert roles[-1] == "user" and all(a != b for a, b in zip(roles, roles[1:]))

@@ -1,0 +1,248 @@
+"""
+Direct preference optimisation and its family: DPO (sigmoid) and every losses.dpo_loss type,
+SimPO and ORPO (reference-free: no reference model is loaded), and KTO (unpaired data).
+
+    torchrun --standalone --nproc_per_node 2 train_dpo.py       # built-in task, from the SFT model
+    torchrun --standalone --nproc_per_node 2 train_dpo.py --loss ipo --beta 0.5
+    torchrun --nproc_per_node 8 train_dpo.py --model runs/sft/model --data hh.jsonl --lr 5e-7 --beta 0.1
+
+Per step: one forward of the policy over [chosen; rejected] concatenated (and one of the frozen
+reference, or a lookup when --precompute-ref), sequence log-probs summed over completion tokens,
+then the loss. On the built-in task with no --data, preference pairs are the SFT model's own
+sampled answers judged by the task's verifier (correct = chosen, wrong = rejected).
+"""
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+import common
+import losses
+import model as M
+from data import batching, chat, formats, task
+
+REFERENCE_FREE = ("simpo", "orpo")
+AVERAGED = ("ipo", "simpo", "orpo")  # losses defined on length-normalised log-probs
+
+
+@dataclass
+class DPOConfig(common.TrainConfig):
+    """Preference optimisation: DPO and its family."""
+    model: str = ""             # policy init (HF dir); default: the built-in task's SFT model
+    ref_model: str = ""         # frozen reference; default: --model
+    out: str = "runs/dpo"
+    loss: str = "sigmoid"       # a losses.DPO_LOSS_TYPES entry, or simpo | orpo | kto
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cDPO / robust
+    rpo_alpha: float = 0.0      # add rpo_alpha * NLL(chosen) (RPO); ORPO always adds the NLL
+    simpo_gamma_beta_ratio: float = 0.5
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    precompute_ref: bool = False  # one no-grad reference pass over the data, then free the reference
+    max_prompt_length: int = 128
+    max_steps: int = 150
+    batch_size: int = 16
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    eval_data: str = ""
+    eval_every: int = 50
+    eval_samples: int = 256     # built-in task: held-out prompts for eval/accuracy
+    max_new_tokens: int = 16
+    samples_per_prompt: int = 8  # built-in task: sampled answers per prompt to build pairs
+    sft_steps: int = 0           # built-in task: SFT steps if no SFT model exists (0 = its default)
+
+
+def sequence_logps(model, batch, dist, cfg):
+    """Completion log-probs per row: (sum [N], mean [N], per-token [N, T], mask [N, T])."""
+    logps, mask = common.token_logps(model, batch, dist, cfg.chunk_size)
+    total = (logps * mask).sum(-1)
+    return total, total / mask.sum(-1).clamp(min=1), logps, mask
+
+
+def kto_rows(examples, idx):
+    """KTO rows [target; mismatched] for examples[idx]: completion j after prompt j, then the
+    dataset's next completion (j + 1) after prompt j. The mismatched rows estimate the KL baseline
+    (KTO paper, sec. 4.1; TRL does the same). Fixed by dataset order, so it can be precomputed."""
+    n = len(examples)
+    return [{"prompt_ids": examples[j]["prompt_ids"], "chosen_ids": examples[j]["completion_ids"],
+             "rejected_ids": examples[(j + 1) % n]["completion_ids"]} for j in idx]
+
+
+def objective(cfg, pol, ref, n, desirable=None, dist=None):
+    """The configured loss on n pairs (or, for KTO, n unpaired examples). pol and ref are
+    sequence_logps outputs over rows [chosen; rejected] (KTO: [target; mismatched]); ref is None
+    for reference-free losses. Returns (loss, metrics as floats)."""
+    use = 1 if cfg.loss in AVERAGED else 0  # IPO, SimPO and ORPO use length-averaged log-probs
+    c, r = pol[use][:n], pol[use][n:]
+    if cfg.loss == "kto":
+        # the KL estimate is a batch-level, detached baseline: average it over ranks
+        kl = common.all_sum((pol[0][n:] - ref[0][n:]).mean().item(), dist) / dist.world
+        per_row, rewards = losses.kto_loss(pol[0][:n], ref[0][:n], desirable, torch.tensor(kl), cfg.beta,
+                                           cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+        d = desirable.float()
+        return per_row.mean(), {"rewards/chosen": ((rewards * d).sum() / d.sum().clamp(min=1)).item(),
+                                "rewards/rejected": ((rewards * (1 - d)).sum() / (1 - d).sum().clamp(min=1)).item(),
+                                "kl": kl, "logps/policy": pol[0][:n].mean().item()}
+    if cfg.loss == "simpo":
+        per_pair, cr, rr = losses.simpo_loss(c, r, cfg.beta, cfg.simpo_gamma_beta_ratio)
+    elif cfg.loss == "orpo":
+        per_pair, cr, rr = losses.orpo_loss(c, r, cfg.beta)[:3]
+    else:
+        per_pair, cr, rr = losses.dpo_loss(c, r, ref[use][:n], ref[use][n:], cfg.beta, cfg.loss, cfg.label_smoothing)
+    loss = per_pair.mean()
+    nll_weight = 1.0 if cfg.loss == "orpo" else cfg.rpo_alpha
+    if nll_weight:  # token-mean NLL of the chosen completions (ORPO's L_SFT; RPO's alpha term)
+        tok_logps, mask = pol[2][:n], pol[3][:n]
+        loss = loss - nll_weight * (tok_logps * mask).sum() / mask.sum().clamp(min=1)
+    metrics = {"rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(), "rewards/accuracies": (cr > rr).float().mean(),
+               "rewards/margins": (cr - rr).mean(), "logps/chosen": pol[0][:n].mean(), "logps/rejected": pol[0][n:].mean()}
+    return loss, {k: v.item() for k, v in metrics.items()}
+
+
+def main(cfg: DPOConfig):
+    # ---- setup
+    dist = common.setup(cfg)
+    known = losses.DPO_LOSS_TYPES + REFERENCE_FREE + ("kto",)
+    if cfg.loss not in known:
+        raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join(known)}")
+
+    # ---- data
+    model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed, cfg.sft_steps)
+    tok = chat.load_tokenizer(model_dir)
+    policy = common.shard(M.from_pretrained(model_dir), dist)
+    held_out = []
+    if cfg.data:
+        pairs = formats.load_preference(cfg.data)
+        eval_pairs = formats.load_preference(cfg.eval_data) if cfg.eval_data else []
+    else:  # built-in task: the SFT model's own answers, judged by the verifier
+        tdir = task.ensure_task(task.TASK_DIR)
+        held_out = formats.load_prompts(os.path.join(tdir, "test.jsonl"))[:cfg.eval_samples]
+        pairs = common.sample_preference_pairs(policy, tok, formats.load_prompts(os.path.join(tdir, "train.jsonl")),
+                                               dist, task.is_correct, cfg.samples_per_prompt, cfg.seed, cfg.max_new_tokens)
+        eval_pairs, pairs = pairs[:len(pairs) // 20], pairs[len(pairs) // 20:]
+    train, evals = encode(pairs, tok, cfg), encode(eval_pairs, tok, cfg)
+    common.print0(f"{len(train)} training {'examples' if cfg.loss == 'kto' else 'pairs'}, {len(evals)} held out")
+
+    # ---- models
+    ref = None
+    if cfg.loss not in REFERENCE_FREE:
+        ref = common.shard(M.from_pretrained(cfg.ref_model or model_dir), dist, train=False).eval()
+    cache = None
+    if cfg.precompute_ref and ref is not None:
+        cache = {"train": precompute(ref, train, dist, cfg, tok.pad_id), "eval": precompute(ref, evals, dist, cfg, tok.pad_id)}
+        del ref  # the reference is never needed again
+        ref = None
+    opt = common.make_optimizer(policy, cfg, dist)
+    start = 0
+    if cfg.resume and (ckpt := common.latest_checkpoint(cfg.out)):
+        start = common.load_checkpoint(ckpt, dist, {"model": (policy, opt)})["step"]
+        common.print0(f"resumed from {ckpt} at step {start}")
+    log = common.Logger(cfg, dist, start)
+
+    def step_batch(examples, idx, split):
+        """(loss, metrics) for examples[idx], reference from the live model or the cache."""
+        chunk = [examples[j] for j in idx]
+        rows = kto_rows(examples, idx) if cfg.loss == "kto" else chunk
+        batch = batching.collate_preference(rows, tok.pad_id)
+        pol = sequence_logps(policy, batch, dist, cfg)
+        if cache is not None:
+            ref_lp = tuple(torch.cat([t[idx, 0], t[idx, 1]]).to(dist.device) for t in cache[split])
+        elif ref is not None:
+            with torch.no_grad():
+                ref_lp = sequence_logps(ref, batch, dist, cfg)[:2]
+        else:
+            ref_lp = None
+        desirable = torch.tensor([e["label"] for e in chunk], device=dist.device) if cfg.loss == "kto" else None
+        return objective(cfg, pol, ref_lp, len(chunk), desirable, dist)
+
+    def evaluate(step):
+        metrics = {}
+        if evals:
+            policy.eval()
+            sums, count = {}, 0
+            # unsharded: ranks may run different numbers of batches, so no collectives inside
+            with torch.no_grad(), common.unsharded(policy), common.unsharded(ref) if ref is not None else nullcontext():
+                for i in range(dist.rank * cfg.batch_size, len(evals), cfg.batch_size * dist.world):
+                    idx = list(range(i, min(i + cfg.batch_size, len(evals))))
+                    _, m = step_batch(evals, idx, "eval")
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + v * len(idx)
+                    count += len(idx)
+            n = common.all_sum(count, dist)
+            metrics.update({f"eval/{k}": common.all_sum(sums.get(k, 0.0), dist) / n for k in sorted(m)})
+            policy.train()
+        if held_out:
+            metrics["eval/accuracy"] = common.eval_accuracy(policy, tok, held_out, dist, task.is_correct, cfg.max_new_tokens)
+        log.log(step, metrics)
+
+    if start == 0:
+        evaluate(0)
+    # ---- loop (from here on, SIGTERM means: checkpoint at the end of this step, then exit)
+    preempt = common.Preemption()
+    policy.train()
+    tokens = 0
+    for step in range(start, cfg.max_steps):
+        idx = batching.batch_indices(len(train), cfg.batch_size * cfg.grad_accum, cfg.seed, step, dist.rank, dist.world)
+        sums = {}
+        for i in range(cfg.grad_accum):
+            mb = idx[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            if dist.world > 1:  # reduce-scatter gradients only after the last micro-batch
+                policy.set_requires_gradient_sync(i == cfg.grad_accum - 1)
+            loss, m = step_batch(train, mb, "train")
+            # every pair weighs the same: mean over micro-batches here, FSDP averages over ranks
+            (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss.item(), **m}.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+            tokens += sum(len(train[j]["prompt_ids"]) * 2 + len(train[j].get("chosen_ids", train[j].get("completion_ids")))
+                          + len(train[j].get("rejected_ids", train[j].get("completion_ids"))) for j in mb)
+        metrics = {k: common.all_sum(v, dist) / dist.world for k, v in sums.items()}
+        common.check_finite(metrics["loss"], step)
+        metrics["grad_norm"] = common.optimizer_step(policy, opt, step, cfg)
+        metrics["lr"] = common.lr_at(step, cfg)
+        if (step + 1) % cfg.log_every == 0 or step == start:
+            log.log(step + 1, metrics, tokens=common.all_sum(tokens, dist))
+            tokens = 0
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
+            evaluate(step + 1)
+        if common.checkpoint_or_stop(step + 1, cfg, dist, preempt, {"model": (policy, opt)}):
+            return
+
+    # ---- eval and save
+    evaluate(cfg.max_steps)
+    common.save_final(policy, cfg, dist, model_dir)
+
+
+def encode(pairs, tok, cfg):
+    """Tokenised pairs; for KTO, each pair becomes a desirable and an undesirable example
+    (TRL's unpair_preference_dataset), unless the data is already unpaired."""
+    out = [chat.tokenize_preference(ex, tok, cfg.max_length, cfg.max_prompt_length) for ex in pairs]
+    if cfg.loss != "kto":
+        return out
+    # all desirable examples, then all undesirable: neighbours (the KL rows) have different prompts
+    return [{"prompt_ids": e["prompt_ids"], "completion_ids": e[k], "label": k == "chosen_ids"}
+            for k in ("chosen_ids", "rejected_ids") for e in out]
+
+
+@torch.no_grad()
+def precompute(ref, examples, dist, cfg, pad_id):
+    """Reference log-probs of every example, rows as the training batches lay them out: a pair of
+    tensors (sums, means), each [N, 2] = (chosen, rejected) or, for KTO, (target, mismatched).
+    Each rank scores a strided slice (unsharded: no collectives); slices are summed over ranks."""
+    n = len(examples)
+    sums, means = torch.zeros(n, 2, dtype=torch.float64), torch.zeros(n, 2, dtype=torch.float64)
+    with common.unsharded(ref):
+        for i in range(dist.rank * cfg.batch_size, n, cfg.batch_size * dist.world):
+            idx = list(range(i, min(i + cfg.batch_size, n)))
+            rows = kto_rows(examples, idx) if cfg.loss == "kto" else [examples[j] for j in idx]
+            s, a, _, _ = sequence_logps(ref, batching.collate_preference(rows, pad_id), dist, cfg)
+            k = len(idx)
+            sums[idx], means[idx] = torch.stack([s[:k], s[k:]], 1).double().cpu(), torch.stack([a[:k], a[k:]], 1).double().cpu()
+    if dist.world > 1:
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(means)
+    return sums.float(), means.float()
+
+
+if __name__ == "__main__":
+    main(common.parse_config(DPOConfig))
