@@ -35,7 +35,7 @@ class DPOConfig(common.TrainConfig):
     loss: str = "sigmoid"       # a losses.DPO_LOSS_TYPES entry, or simpo | orpo | kto
     beta: float = 0.1
     label_smoothing: float = 0.0  # cDPO / robust
-    rpo_alpha: float = 0.0      # add rpo_alpha * NLL(chosen) (RPO); ORPO always adds the NLL
+    rpo_alpha: float = 1.0      # + rpo_alpha * NLL(chosen), RPO (Pang et al. 2024); 0 = plain DPO (TRL's default)
     simpo_gamma_beta_ratio: float = 0.5
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
@@ -43,13 +43,14 @@ class DPOConfig(common.TrainConfig):
     max_prompt_length: int = 128
     max_steps: int = 150
     batch_size: int = 16
-    lr: float = 2e-4
+    lr: float = 1e-4
     warmup_steps: int = 10
     eval_data: str = ""
     eval_every: int = 50
     eval_samples: int = 256     # built-in task: held-out prompts for eval/accuracy
     max_new_tokens: int = 16
     samples_per_prompt: int = 8  # built-in task: sampled answers per prompt to build pairs
+    pair_prompts: int = 2000     # built-in task: training prompts sampled to build pairs
     sft_steps: int = 0           # built-in task: SFT steps if no SFT model exists (0 = its default)
 
 
@@ -118,7 +119,7 @@ def main(cfg: DPOConfig):
     else:  # built-in task: the SFT model's own answers, judged by the verifier
         tdir = task.ensure_task(task.TASK_DIR)
         held_out = formats.load_prompts(os.path.join(tdir, "test.jsonl"))[:cfg.eval_samples]
-        pairs = common.sample_preference_pairs(policy, tok, formats.load_prompts(os.path.join(tdir, "train.jsonl")),
+        pairs = common.sample_preference_pairs(policy, tok, formats.load_prompts(os.path.join(tdir, "train.jsonl"))[:cfg.pair_prompts],
                                                dist, task.is_correct, cfg.samples_per_prompt, cfg.seed, cfg.max_new_tokens)
         eval_pairs, pairs = pairs[:len(pairs) // 20], pairs[len(pairs) // 20:]
     train, evals = encode(pairs, tok, cfg), encode(eval_pairs, tok, cfg)

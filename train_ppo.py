@@ -42,7 +42,7 @@ class PPOConfig(common.TrainConfig):
     reward_fn: str = ""          # module:function(prompts, completions, **fields) -> floats; default: the task verifier
     reward_model: str = ""       # HF dir with a score head (overrides --reward-fn)
     value_model: str = ""        # PPO critic init; default: --reward-model, else the policy with a fresh head
-    max_steps: int = 40          # rollout steps
+    max_steps: int = 100         # rollout steps
     prompts_per_step: int = 16   # prompts per rollout per process
     group_size: int = 8          # completions per prompt (GRPO/RLOO need >= 2; PPO default 8 too)
     ppo_epochs: int = 1          # passes over each rollout

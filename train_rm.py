@@ -34,6 +34,7 @@ class RMConfig(common.TrainConfig):
     eval_data: str = ""
     eval_every: int = 50
     samples_per_prompt: int = 8  # built-in task: sampled answers per prompt to build pairs
+    pair_prompts: int = 2000     # built-in task: training prompts sampled to build pairs
     max_new_tokens: int = 16
 
 
@@ -64,7 +65,7 @@ def main(cfg: RMConfig):
     else:  # built-in task: the SFT model's own answers judged by the verifier
         tdir = task.ensure_task(task.TASK_DIR)
         sampler = common.shard(M.from_pretrained(model_dir), dist, train=False)
-        pairs = common.sample_preference_pairs(sampler, tok, formats.load_prompts(os.path.join(tdir, "train.jsonl")),
+        pairs = common.sample_preference_pairs(sampler, tok, formats.load_prompts(os.path.join(tdir, "train.jsonl"))[:cfg.pair_prompts],
                                                dist, task.is_correct, cfg.samples_per_prompt, cfg.seed, cfg.max_new_tokens)
         del sampler
         eval_pairs, pairs = pairs[:len(pairs) // 10], pairs[len(pairs) // 10:]

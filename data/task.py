@@ -19,8 +19,8 @@ import random
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 TASK_DIR = "runs/task"
-MAX_DIGITS = 3          # operands have 1..MAX_DIGITS digits (digit count drawn uniformly)
-N_TRAIN, N_TEST = 20000, 1000
+MAX_DIGITS = 2          # operands have 1..MAX_DIGITS digits (digit count drawn uniformly)
+N_TRAIN, N_TEST = 4000, 500
 SEED = 1234
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]  # printable ASCII: any short English prompt works

@@ -1,0 +1,94 @@
+"""train_dpo.py and train_rm.py end to end on small synthetic preference data.
+
+The synthetic task is learnable from scratch: "Repeat 4821" -> chosen "4821", rejected another
+number. Runs are in-process (fast) except the 2-process comparison, which needs torchrun.
+"""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import common
+import losses
+import model as M
+import train_dpo
+import train_rm
+from helpers import run_script, series, tiny_model_dir
+
+
+def write_pairs(path, n, seed):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            x = str(rng.randint(1000, 9999))
+            y = str(rng.randint(1000, 9999))
+            f.write(json.dumps({"prompt": f"Repeat {x}", "chosen": x, "rejected": y if y != x else x[::-1] + "1"}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dpo")
+    return {"model": tiny_model_dir(str(d / "init")), "train": write_pairs(d / "train.jsonl", 256, 0),
+            "eval": write_pairs(d / "eval.jsonl", 64, 1), "dir": d}
+
+
+def dpo(setup, out, *extra, steps=3):
+    args = ["--model", setup["model"], "--data", setup["train"], "--eval-data", setup["eval"], "--out", str(out),
+            "--max-steps", str(steps), "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1",
+            "--eval-every", "0", "--lr", "1e-3", *extra]
+    train_dpo.main(common.parse_config(train_dpo.DPOConfig, args))
+    return out
+
+
+@pytest.mark.parametrize("loss", list(losses.DPO_LOSS_TYPES) + ["simpo", "orpo", "kto"])
+def test_every_loss_trains(setup, tmp_path, loss):
+    out = dpo(setup, tmp_path / "o", "--loss", loss)
+    ls = series(out, "loss")
+    assert sorted(ls) == [1, 2, 3] and all(map(torch.isfinite, torch.tensor(list(ls.values()))))
+    assert os.path.exists(out / "model" / "model.safetensors")
+    if loss == "sigmoid":  # policy == reference at the first step: DPO's loss is log 2
+        assert abs(ls[1] - 0.6931471805599453) < 1e-6
+
+
+def test_precompute_ref_equals_live_reference(setup, tmp_path):
+    live = series(dpo(setup, tmp_path / "live", steps=4), "loss")
+    pre = series(dpo(setup, tmp_path / "pre", "--precompute-ref", steps=4), "loss")
+    # the same reference log-probs, computed in batches of a different padded length: fp32 noise only
+    assert all(abs(live[k] - pre[k]) < 1e-5 for k in live) and len(live) == 4
+
+
+def test_one_vs_two_processes(setup, tmp_path):
+    one = series(dpo(setup, tmp_path / "one", steps=4), "loss")
+    args = ["--model", setup["model"], "--data", setup["train"], "--out", "two", "--max-steps", "4",
+            "--batch-size", "4", "--warmup-steps", "1", "--log-every", "1", "--eval-every", "0", "--lr", "1e-3"]
+    run_script("train_dpo.py", args, tmp_path, nproc=2)
+    two = series(tmp_path / "two", "loss")
+    assert one.keys() == two.keys()
+    assert all(abs(one[k] - two[k]) < 1e-5 for k in one), (one, two)
+
+
+def test_dpo_learns_synthetic_preferences(setup, tmp_path):
+    out = dpo(setup, tmp_path / "o", "--beta", "0.5", "--eval-every", "30", steps=30)
+    acc = series(out, "eval/rewards/accuracies")
+    assert acc[0] == 0.0 and acc[30] > 0.9, acc  # held-out pairs
+
+
+def test_reward_model_matches_transformers(setup, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    args = ["--model", setup["model"], "--data", setup["train"], "--eval-data", setup["eval"], "--out", str(tmp_path / "rm"),
+            "--max-steps", "20", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "5", "--eval-every", "0", "--lr", "3e-3"]
+    train_rm.main(common.parse_config(train_rm.RMConfig, args))
+    assert series(tmp_path / "rm", "eval/accuracy")[20] > 0.8
+    d = tmp_path / "rm" / "model"
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval()
+    ours = M.from_pretrained(d, head="score")
+    ids = torch.randint(5, 90, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, 7:], mask[1, 7:] = 0, 0  # right padding with the pad id (0)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits[:, 0]
+        got = ours(ids, mask)[torch.arange(3), mask.sum(-1) - 1]
+    assert (ref - got).abs().max() < 1e-5 and ref.std() > 1e-3
