@@ -69,6 +69,7 @@ class PPOConfig(common.TrainConfig):
     eval_every: int = 10
     eval_samples: int = 256
     log_every: int = 1
+    record_rollout: str = ""     # save the first rollout's tensors (rank 0) to this file: tests, debugging
 
 
 def load_reward_fn(spec):
@@ -197,7 +198,7 @@ def main(cfg: PPOConfig):
                 old_values = completion_values(critic, seqs, attn, P, dist)
                 rewards = -cfg.beta * kl * cmaskf
                 last = cmask.sum(-1) - 1
-                rewards[torch.arange(len(rows)), last] += scores
+                rewards[torch.arange(len(rows), device=dist.device), last] += scores
                 advantages, returns = losses.gae(rewards, old_values, cmaskf, cfg.gamma, cfg.lam)
                 if cfg.whiten:
                     advantages = losses.masked_whiten(advantages, cmaskf)
@@ -205,6 +206,11 @@ def main(cfg: PPOConfig):
                 adv = losses.group_advantages(scores, cfg.group_size, cfg.scale_rewards) if cfg.algo == "grpo" \
                     else losses.rloo_advantages(scores, cfg.group_size)
                 advantages = adv[:, None] * cmaskf
+
+        if cfg.record_rollout and step == start and dist.main:
+            torch.save({"scores": scores, "old_logps": old_logps, "ref_logps": ref_logps, "mask": cmaskf,
+                        "advantages": advantages, "seqs": seqs, "prompt_len": P,
+                        **({"values": old_values, "returns": returns} if cfg.algo == "ppo" else {})}, cfg.record_rollout)
 
         # ---- policy (and value) updates over minibatches of the rollout
         stats = {}

@@ -10,8 +10,15 @@ is the one of the model family's HF chat template:
   llama3  (Llama 3.x)    <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> ...
   plain   (GPT-2, the built-in task)   [bos] User: {content}\\n  Assistant: {content}[eos] ...   prompt: "Assistant: "
 
-Differences from the HF templates, on purpose: no default system prompt is injected (Qwen2.5's
-"You are Qwen..." and Llama 3.1's "Cutting Knowledge Date" lines); pass one as a system message.
+Default system prompts: HF's Qwen2 / Qwen2.5 templates insert QWEN2_SYSTEM_PROMPT /
+QWEN25_SYSTEM_PROMPT when a conversation has no system message, Llama 3.1's adds "Cutting Knowledge
+Date" lines. Ours inserts nothing unless asked: load_tokenizer(dir, system_prompt=QWEN25_SYSTEM_PROMPT)
+(or setting Tok.system_prompt) reproduces Qwen2.5's text exactly. Qwen3's template also wraps the
+last assistant turn in a <think></think> block: not reproduced (write it into the content if wanted).
+
+The text is the template's; the ids can differ from tokenizing that text in one piece only where a
+BPE merge would cross a segment boundary (e.g. content starting with a newline), which is the
+price of an exact mask.
 """
 import json
 import os
@@ -21,6 +28,9 @@ from tokenizers import Tokenizer
 
 from .formats import DataError, as_messages
 
+QWEN2_SYSTEM_PROMPT = "You are a helpful assistant."
+QWEN25_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
 
 @dataclass
 class Tok:
@@ -29,7 +39,8 @@ class Tok:
     eos_id: int
     pad_id: int
     stop_ids: list = field(default_factory=list)  # generation stops at any of these
-    chat_format: str = "plain"
+    chat_format: str = "plain"  # "chatml", "llama3" or "plain"
+    system_prompt: str | None = None  # inserted when a conversation starts without a system message
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
@@ -48,9 +59,12 @@ def _read_json(path):
     return {}
 
 
-def load_tokenizer(model_dir, chat_format=None) -> Tok:
+def load_tokenizer(model_dir, chat_format=None, system_prompt=None) -> Tok:
     """tokenizer.json plus the special tokens of tokenizer_config.json / generation_config.json /
-    config.json. The chat format is detected from the vocabulary unless given."""
+    config.json. The chat format is detected from the vocabulary unless given: <|im_start|> ->
+    chatml, <|start_header_id|> -> llama3, else plain. eos_id is tokenizer_config's eos_token (else
+    the first eos_token_id); stop_ids adds every eos_token_id and the format's end-of-turn token;
+    pad falls back to eos."""
     tk = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     tcfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
     gcfg = _read_json(os.path.join(model_dir, "generation_config.json"))
@@ -75,11 +89,14 @@ def load_tokenizer(model_dir, chat_format=None) -> Tok:
     vocab = tk.get_vocab()
     fmt = chat_format or ("chatml" if "<|im_start|>" in vocab else "llama3" if "<|start_header_id|>" in vocab else "plain")
     stops = list(dict.fromkeys([eos] + eos_list))
-    if fmt == "chatml":
-        stops = list(dict.fromkeys(stops + [vocab["<|im_end|>"]]))
-    if fmt == "llama3":
-        stops = list(dict.fromkeys(stops + [vocab["<|eot_id|>"]]))
-    return Tok(tk, bos, eos, pad, stops, fmt)
+    if fmt not in ("chatml", "llama3", "plain"):
+        raise ValueError(f"chat_format {fmt!r}: expected chatml, llama3 or plain")
+    end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(fmt)
+    if end is not None:
+        if end not in vocab:
+            raise ValueError(f"{model_dir}: chat format {fmt!r} needs the token {end!r}, which the tokenizer lacks")
+        stops = list(dict.fromkeys(stops + [vocab[end]]))
+    return Tok(tk, bos, eos, pad, stops, fmt, system_prompt)
 
 
 def _segments(msg, tok: Tok, first):
@@ -109,7 +126,9 @@ def _generation_prompt(tok: Tok, first):
 
 
 def render_chat(messages, tok: Tok, add_generation_prompt=False):
-    """Token ids of a conversation and its assistant mask (1 = train on this token)."""
+    """Token ids of a conversation and its assistant mask (1 = train on this token): ([int], [0/1])."""
+    if tok.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": tok.system_prompt}] + list(messages)
     ids, mask = [], []
     for i, msg in enumerate(messages):
         for seg, train in _segments(msg, tok, i == 0):
@@ -122,15 +141,20 @@ def render_chat(messages, tok: Tok, add_generation_prompt=False):
 
 
 def tokenize_sft(example, tok: Tok, max_length, train_on_prompt=False):
-    """{"input_ids", "loss_mask"} of an SFT example ({"messages"} or {"text"}).
+    """{"input_ids", "loss_mask"} of an SFT example: {"messages"}, {"prompt", "completion"} (a user
+    then an assistant turn; strings or message lists) or {"text"} (bos + text + eos, all trained).
+    loss_mask is per token (1 = learn this token); the shift to labels happens in batching.py.
 
     Truncation: the end is cut to max_length tokens (the start of a conversation is kept, as in
-    TRL). An example left with no trainable token raises DataError: raise --max-length or fix it."""
+    TRL). An example left with no trainable token raises DataError (never skipped silently): raise
+    max_length or fix the data."""
     if "text" in example:
         ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(example["text"]) + [tok.eos_id]
         mask = [1] * len(ids)
     else:
-        ids, mask = render_chat(example["messages"], tok)
+        msgs = example.get("messages") or \
+            as_messages(example["prompt"], "user") + as_messages(example["completion"], "assistant")
+        ids, mask = render_chat(msgs, tok)
         if train_on_prompt:
             mask = [1] * len(ids)
     ids, mask = ids[:max_length], mask[:max_length]
@@ -141,8 +165,9 @@ def tokenize_sft(example, tok: Tok, max_length, train_on_prompt=False):
 
 
 def tokenize_prompt(example, tok: Tok, max_prompt_length):
-    """Prompt ids ending with the assistant generation prompt; the start is cut (keep the end,
-    which holds the question) to max_prompt_length tokens."""
+    """Prompt ids (a string is one user turn) ending with the assistant generation prompt, for
+    RL and generation; if longer than max_prompt_length the start is cut (the end holds the
+    question and the generation prompt)."""
     ids, _ = render_chat(as_messages(example["prompt"], "user"), tok, add_generation_prompt=True)
     return ids[-max_prompt_length:]
 

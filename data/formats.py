@@ -16,11 +16,16 @@ ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
-    pass
+    """Malformed data; the message says where (file:line), which field, what was expected and found."""
 
 
 def read_jsonl(path):
-    """[(line_number, record)] of a .jsonl or .jsonl.gz file; blank lines are skipped."""
+    """The records (dicts) of a .jsonl or .jsonl.gz file; blank lines are skipped."""
+    return [rec for _, rec in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path):
+    """[(line_number, record)] of a .jsonl or .jsonl.gz file, for error messages that name the line."""
     opener = gzip.open if str(path).endswith(".gz") else open
     out = []
     with opener(path, "rt", encoding="utf-8") as f:
@@ -54,6 +59,7 @@ def _field(rec, key, where, kinds=(str, list)):
 
 
 def _check_messages(msgs, where):
+    """Messages are numbered from 0, as in the JSON list."""
     if not msgs:
         raise DataError(f"{where}: empty list of messages")
     for i, m in enumerate(msgs):
@@ -61,6 +67,14 @@ def _check_messages(msgs, where):
             raise DataError(f"{where}: message {i}: expected {{'role': ..., 'content': <string>}}, got {m!r:.80}")
         if m.get("role") not in ROLES:
             raise DataError(f"{where}: message {i}: role {m.get('role')!r} is not one of {'/'.join(ROLES)}")
+
+
+def _completion(rec, key, where):
+    """A completion (string, or messages with at least one assistant turn to learn from)."""
+    v = _field(rec, key, where)
+    if isinstance(v, list) and not any(m["role"] == "assistant" for m in v):
+        raise DataError(f"{where}: field {key!r}: no assistant message to train on")
+    return v
 
 
 def as_messages(x, role):
@@ -71,7 +85,7 @@ def as_messages(x, role):
 def load_sft(path):
     """SFT examples as {"messages": [...]} (prompt/completion become user/assistant) or {"text"}."""
     out = []
-    for n, rec in read_jsonl(path):
+    for n, rec in numbered_jsonl(path):
         where = f"{path}:{n}"
         if "messages" in rec:
             msgs = _field(rec, "messages", where, (list,))
@@ -81,7 +95,7 @@ def load_sft(path):
         elif "text" in rec:
             out.append({"text": _field(rec, "text", where, (str,))})
         elif "prompt" in rec or "completion" in rec:
-            prompt, completion = _field(rec, "prompt", where), _field(rec, "completion", where)
+            prompt, completion = _field(rec, "prompt", where), _completion(rec, "completion", where)
             out.append({"messages": as_messages(prompt, "user") + as_messages(completion, "assistant")})
         else:
             raise DataError(f"{where}: expected field 'messages', 'text' or 'prompt'+'completion'; found {sorted(rec)}")
@@ -91,9 +105,9 @@ def load_sft(path):
 def load_preference(path):
     """Pairs as {"prompt": [messages], "chosen": [messages], "rejected": [messages], ...extras}."""
     out = []
-    for n, rec in read_jsonl(path):
+    for n, rec in numbered_jsonl(path):
         where = f"{path}:{n}"
-        chosen, rejected = _field(rec, "chosen", where), _field(rec, "rejected", where)
+        chosen, rejected = _completion(rec, "chosen", where), _completion(rec, "rejected", where)
         if "prompt" in rec:
             prompt = as_messages(_field(rec, "prompt", where), "user")
             chosen, rejected = as_messages(chosen, "assistant"), as_messages(rejected, "assistant")
@@ -114,10 +128,10 @@ def load_preference(path):
 def load_unpaired(path):
     """KTO examples as {"prompt": [messages], "completion": [messages], "label": bool}."""
     out = []
-    for n, rec in read_jsonl(path):
+    for n, rec in numbered_jsonl(path):
         where = f"{path}:{n}"
         out.append({"prompt": as_messages(_field(rec, "prompt", where), "user"),
-                    "completion": as_messages(_field(rec, "completion", where), "assistant"),
+                    "completion": as_messages(_completion(rec, "completion", where), "assistant"),
                     "label": _field(rec, "label", where, (bool,))})
     return out
 
@@ -125,7 +139,7 @@ def load_unpaired(path):
 def load_prompts(path):
     """RL / evaluation prompts: {"prompt": str or [messages], ...extra fields kept as they are}."""
     out = []
-    for n, rec in read_jsonl(path):
+    for n, rec in numbered_jsonl(path):
         _field(rec, "prompt", f"{path}:{n}")
         out.append(rec)
     return out

@@ -12,13 +12,14 @@ import os
 import re
 import sys
 
-from .formats import read_jsonl
+from .formats import DataError, numbered_jsonl
 
 CALC = re.compile(r"<<[^>]*>>")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def final_answer(solution):
+    """The number after GSM8K's '####' marker, commas removed: "1,234" -> "1234"."""
     return solution.split("####")[-1].strip().replace(",", "")
 
 
@@ -32,7 +33,7 @@ def _number(s):
 def gsm8k_reward(prompts, completions, answer, **_):
     """1.0 when the last number in the completion equals the reference answer, else 0.0."""
     out = []
-    for c, a in zip(completions, answer):
+    for c, a in zip(completions, answer, strict=True):
         nums = NUMBER.findall(c)
         got, want = (_number(nums[-1]) if nums else None), _number(str(a))
         out.append(float(got is not None and want is not None and abs(got - want) < 1e-6))
@@ -41,11 +42,14 @@ def gsm8k_reward(prompts, completions, answer, **_):
 
 def main(src, dst_dir):
     os.makedirs(dst_dir, exist_ok=True)
-    recs = read_jsonl(src)
+    recs = numbered_jsonl(src)
     with open(os.path.join(dst_dir, "sft.jsonl"), "w") as sft, open(os.path.join(dst_dir, "rl.jsonl"), "w") as rl:
         for n, r in recs:
-            if "####" not in r.get("answer", ""):
-                raise ValueError(f"{src}:{n}: field 'answer': no '#### <number>' final answer")
+            for key in ("question", "answer"):
+                if not isinstance(r.get(key), str):
+                    raise DataError(f"{src}:{n}: field {key!r}: expected a string, got {type(r.get(key)).__name__}")
+            if "####" not in r["answer"]:
+                raise DataError(f"{src}:{n}: field 'answer': no '#### <number>' final answer")
             sft.write(json.dumps({"prompt": r["question"], "completion": CALC.sub("", r["answer"])}) + "\n")
             rl.write(json.dumps({"prompt": r["question"], "answer": final_answer(r["answer"])}) + "\n")
     print(f"{src}: {len(recs)} records -> {dst_dir}/sft.jsonl, {dst_dir}/rl.jsonl")

@@ -13,7 +13,7 @@ import json
 import re
 import sys
 
-from .formats import read_jsonl
+from .formats import numbered_jsonl
 
 TURN = re.compile(r"\n\n(Human|Assistant): ")
 
@@ -31,6 +31,9 @@ def parse_dialogue(text):
 
 
 def convert(rec):
+    """One HH record -> {"prompt", "chosen", "rejected"}; ValueError says why it cannot be parsed."""
+    if not (isinstance(rec.get("chosen"), str) and isinstance(rec.get("rejected"), str)):
+        raise ValueError("fields 'chosen' and 'rejected' must both be dialogue strings")
     chosen, rejected = parse_dialogue(rec["chosen"]), parse_dialogue(rec["rejected"])
     if len(chosen) != len(rejected) or chosen[:-1] != rejected[:-1]:
         raise ValueError("chosen and rejected differ before their last turn")
@@ -41,10 +44,10 @@ def convert(rec):
 
 def main(src, dst):
     out, skipped = [], []
-    for n, rec in read_jsonl(src):
+    for n, rec in numbered_jsonl(src):
         try:
             out.append(convert(rec))
-        except (ValueError, KeyError, TypeError) as e:
+        except ValueError as e:
             skipped.append(n)
             print(f"{src}:{n}: skipped: {e}", file=sys.stderr)
     with open(dst, "w") as f:

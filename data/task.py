@@ -1,12 +1,17 @@
 """
-The built-in task: integer addition, "What is 347+589?" -> "936".
+The built-in task: integer addition, "What is 47+85?" -> "132".
 
 Why this task: the answer is verifiable exactly (exact match is the metric and the RL reward), a
 ~1M-parameter model learns it from scratch in minutes on a laptop CPU, and it is hard enough in
 the way that matters: the answer is written most-significant digit first, so the first digit
 already depends on carries from the right. The SFT model gets most problems right and fails
 some carry chains, which leaves DPO and RL a measurable gain to make. Character-level tokens
-keep the tokenizer trivial and every digit its own prediction.
+keep the tokenizer trivial and every digit its own prediction; the words of the prompt go
+through the "plain" chat format, so the chat path is exercised too.
+
+Difficulty knobs: MIN_DIGITS..MAX_DIGITS (each operand draws a digit count d uniformly, then a
+value uniformly in [0, 10**d)), N_TRAIN / N_TEST. More digits = longer carry chains = harder.
+Changing a knob changes the files: delete TASK_DIR so ensure_task writes them again.
 
 ensure_task(dir) writes, deterministically: train.jsonl / test.jsonl (disjoint problems;
 {"prompt", "completion", "answer"} records usable for SFT, preference sampling and RL),
@@ -15,11 +20,12 @@ tokenizer.json + tokenizer_config.json (the plain chat format), and config.json 
 import json
 import os
 import random
+import re
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 TASK_DIR = "runs/task"
-MAX_DIGITS = 2          # operands have 1..MAX_DIGITS digits (digit count drawn uniformly)
+MIN_DIGITS, MAX_DIGITS = 1, 2  # operands have MIN_DIGITS..MAX_DIGITS digits (count drawn uniformly)
 N_TRAIN, N_TEST = 4000, 500
 SEED = 1234
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
@@ -45,7 +51,7 @@ def build_tokenizer() -> Tokenizer:
 
 
 def problem(rng):
-    a, b = (rng.randint(0, 10 ** rng.randint(1, MAX_DIGITS) - 1) for _ in range(2))
+    a, b = (rng.randint(0, 10 ** rng.randint(MIN_DIGITS, MAX_DIGITS) - 1) for _ in range(2))
     return f"What is {a}+{b}?", str(a + b)
 
 
@@ -63,37 +69,45 @@ def examples(n_train=None, n_test=None, seed=SEED):
     return out[:n_train], out[n_train:]
 
 
+def _write(path, name, text):
+    # Write-then-rename: torchrun processes may all get here at once, and a reader must never
+    # see half a file. They write identical bytes, so whichever rename lands last is harmless.
+    tmp = os.path.join(path, f".{name}.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(path, name))
+
+
 def ensure_task(path=TASK_DIR):
-    """Write the task's files into `path` if they are missing; return `path`."""
+    """Write the task's files into `path` if they are missing (config.json, written last, marks a
+    complete directory); return `path`. Deterministic: the same bytes on every machine and call."""
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    tmp = f"{path}.tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
+    os.makedirs(path, exist_ok=True)
     train, test = examples()
     for name, recs in (("train.jsonl", train), ("test.jsonl", test)):
-        with open(os.path.join(tmp, name), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
-    build_tokenizer().save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-                   "pad_token": "<|pad|>", "unk_token": "<|unk|>", "model_max_length": 256}, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(MODEL_CONFIG, f, indent=2)
-    try:  # several processes may race here (torchrun): the first rename wins, the rest clean up
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        os.rename(tmp, path)
-    except OSError:
-        for f in os.listdir(tmp):
-            os.remove(os.path.join(tmp, f))
-        os.rmdir(tmp)
+        _write(path, name, "".join(json.dumps(r) + "\n" for r in recs))
+    _write(path, "tokenizer.json", build_tokenizer().to_str(pretty=True))
+    _write(path, "tokenizer_config.json", json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+         "pad_token": "<|pad|>", "unk_token": "<|unk|>", "model_max_length": 256}, indent=2))
+    _write(path, "config.json", json.dumps(MODEL_CONFIG, indent=2))
     return path
 
 
-def is_correct(completion: str, answer: str) -> bool:
-    """Exact match: the completion is the answer and nothing else (surrounding spaces aside)."""
-    return completion.strip() == str(answer).strip()
+def extract_answer(completion: str):
+    """The integer a completion states, or None. Strict on purpose: the completion must be just
+    the number (surrounding spaces aside), so "936 is it" or "9 3 6" earn nothing in RL."""
+    m = re.fullmatch(r"\s*(-?\d+)\s*", completion)
+    return m.group(1) if m else None
+
+
+def is_correct(completion: str, answer) -> bool:
+    """Exact match of the stated number with the answer ("0936" is not "936")."""
+    return extract_answer(completion) == str(answer).strip()
 
 
 def reward_fn(prompts, completions, answer, **_):
-    """RL reward: 1.0 for an exactly correct answer, else 0.0."""
-    return [float(is_correct(c, a)) for c, a in zip(completions, answer)]
+    """RL reward, signature reward_fn(prompts, completions, **fields) with fields aligned to
+    prompts (here `answer`): 1.0 for an exactly correct answer, else 0.0."""
+    return [float(is_correct(c, a)) for c, a in zip(completions, answer, strict=True)]

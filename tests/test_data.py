@@ -8,7 +8,6 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-import model as M
 from data import batching, chat, formats, prepare_gsm8k, prepare_hh, task
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
@@ -49,6 +48,7 @@ EXPECTED = {  # the HF chat templates' text (without injected default system pro
     "plain": "<|bos|>System: Be brief.\nUser: Hi there\nAssistant: Hello!<|eos|>User: 2+2?\nAssistant: 4<|eos|>",
 }
 END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "plain": "<|eos|>"}
+LAST_TURN = {"chatml": "4<|im_end|>\n", "llama3": "4<|eot_id|>", "plain": "4<|eos|>"}  # after the generation prompt
 
 
 @pytest.mark.parametrize("fmt", ["chatml", "llama3", "plain"])
@@ -65,10 +65,11 @@ def test_chat_render_text_and_exact_assistant_mask(fmt, tmp_path):
         runs += int(m == 1 and prev == 0)
         prev = m
     assert runs == 2
-    # the generation prompt is a prefix of the rendered answer
+    # the generation prompt is the template's text and a prefix of the rendered answer
     prompt = chat.tokenize_prompt({"prompt": CONV[:4]}, tok, 10**6)
+    assert tok.tokenizer.decode(prompt, skip_special_tokens=False) == EXPECTED[fmt][:-len(LAST_TURN[fmt])]
     assert ids[:len(prompt)] == prompt
-    assert tok.eos_id in tok.stop_ids
+    assert tok.eos_id in tok.stop_ids and tok.tokenizer.token_to_id(END[fmt]) in tok.stop_ids
 
 
 def test_chat_formats_match_transformers_templates(tmp_path):
@@ -80,6 +81,46 @@ def test_chat_formats_match_transformers_templates(tmp_path):
                         "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
     text = hf.apply_chat_template(CONV[:4], tokenize=False, add_generation_prompt=True)
     assert tok.tokenizer.decode(chat.tokenize_prompt({"prompt": CONV[:4]}, tok, 10**6), skip_special_tokens=False) == text
+
+
+def test_llama3_trims_content(tmp_path):
+    tok = make_tok("llama3", tmp_path)
+    ids, mask = chat.render_chat([{"role": "user", "content": " hi\n"}, {"role": "assistant", "content": "\n yo "}], tok)
+    assert tok.tokenizer.decode(ids, skip_special_tokens=False) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nyo<|eot_id|>")
+    assert [tok.tokenizer.id_to_token(i) for i, m in zip(ids, mask) if m] == ["y", "o", "<|eot_id|>"]
+
+
+def test_default_system_prompt_option(tmp_path):
+    tok = make_tok("chatml", tmp_path)
+    tok.system_prompt = chat.QWEN25_SYSTEM_PROMPT  # what Qwen2.5's template does when none is given
+    ids = chat.tokenize_prompt({"prompt": "Hi there"}, tok, 10**6)
+    assert tok.tokenizer.decode(ids, skip_special_tokens=False) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
+    ids, _ = chat.render_chat(CONV, tok)  # a conversation with its own system message keeps it
+    assert tok.tokenizer.decode(ids, skip_special_tokens=False) == EXPECTED["chatml"]
+
+
+def test_load_tokenizer_special_tokens(tmp_path):
+    tok = make_tok("chatml", tmp_path)
+    endoftext, im_end = tok.tokenizer.token_to_id("<|endoftext|>"), tok.tokenizer.token_to_id("<|im_end|>")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|endoftext|>"}, "bos_token": None}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [endoftext, im_end]}))
+    tok = chat.load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, endoftext, endoftext)  # pad falls back to eos
+    assert tok.stop_ids == [endoftext, im_end]
+    assert chat.load_tokenizer(tmp_path, chat_format="plain").chat_format == "plain"
+
+
+def test_tokenize_sft_forms(tmp_path):
+    tok = make_tok("chatml", tmp_path)
+    conv = chat.tokenize_sft({"messages": CONV[1:3]}, tok, 100)
+    assert chat.tokenize_sft({"prompt": "Hi there", "completion": "Hello!"}, tok, 100) == conv
+    assert chat.tokenize_sft({"messages": CONV[1:3]}, tok, 100, train_on_prompt=True)["loss_mask"] == [1] * len(conv["input_ids"])
+    text = chat.tokenize_sft({"text": "abc"}, tok, 100)  # no bos in this tokenizer: text + eos
+    assert tok.tokenizer.decode(text["input_ids"], skip_special_tokens=False) == "abc<|im_end|>" and all(text["loss_mask"])
 
 
 def test_collate_sft_shift_and_mask(tmp_path):
@@ -133,28 +174,51 @@ def test_collate_preference_rows_and_masks(tmp_path):
     assert tok.tokenizer.decode(exs[0]["rejected_ids"], skip_special_tokens=False) == "No way<|im_end|>"
 
 
+def doc_mask(docs):
+    """The block-diagonal causal mask the model builds from document ids: i sees j iff j <= i and
+    both are in the same (non-padding) document."""
+    T = docs.shape[-1]
+    causal = torch.ones(T, T).tril().bool()
+    return causal & (docs[:, :, None] == docs[:, None, :]) & (docs[:, None, :] > 0)
+
+
 def test_packing_isolates_documents(tmp_path):
     tok = make_tok("plain", tmp_path)
     exs = [chat.tokenize_sft({"text": t}, tok, 100) for t in ["abcdef", "gh", "ijklmnopq", "rs", "t" * 30]]
     b = batching.pack_sft(exs, 16, tok.pad_id)
-    assert b["input_ids"].shape[1] == 16
+    assert b["input_ids"].shape == (3, 16)  # [abcdef gh] [ijklmnopq rs] [t*30 cut to 16]
     docs, ids, pos, mask, labels = b["attention_mask"], b["input_ids"], b["position_ids"], b["loss_mask"], b["labels"]
-    # nothing dropped (the 32-token example is cut to 16, as documented)
+    # nothing dropped, in order (the 32-token example is cut to 16, as documented)
     got = [ids[r][docs[r] == d].tolist() for r in range(len(ids)) for d in range(1, int(docs[r].max()) + 1)]
     assert got == [e["input_ids"][:16] for e in exs]
-    bias = M.attention_bias(docs, 16)[:, 0]
+    seen, which = doc_mask(docs), iter(exs)
     for r in range(len(ids)):
-        for i in range(16):
-            for j in range(16):
-                same = docs[r, i] == docs[r, j] and docs[r, j] > 0 and j <= i
-                assert bool(bias[r, i, j]) == bool(same or i == j)
         for d in range(1, int(docs[r].max()) + 1):
-            sel = docs[r] == d
-            assert pos[r][sel].tolist() == list(range(int(sel.sum())))
-            last = int(sel.nonzero().max())
-            assert mask[r, last] == 0  # a document's last token never predicts the next document
-            assert labels[r][sel][:-1].tolist() == ids[r][sel][1:].tolist()
-    assert (mask[docs == 0] == 0).all()
+            own, sel = next(which), docs[r] == d
+            own_ids, own_mask = own["input_ids"][:16], own["loss_mask"][:16]
+            for i in sel.nonzero().flatten().tolist():
+                # token i sees exactly its own example's prefix up to itself: no other document
+                assert ids[r][seen[r, i]].tolist() == own_ids[:pos[r, i] + 1]
+            assert pos[r][sel].tolist() == list(range(len(own_ids)))  # positions restart per document
+            assert labels[r][sel].tolist() == own_ids[1:] + [tok.pad_id]  # no label crosses documents
+            assert mask[r][sel].tolist() == own_mask[1:] + [0]  # the last token predicts nothing
+    assert (mask[docs == 0] == 0).all() and (ids[docs == 0] == tok.pad_id).all()
+
+
+def test_packing_mask_agrees_with_model(tmp_path):
+    """The contract with model.py: its attention bias from document ids is the mask above."""
+    try:
+        import model as M
+    except Exception as e:  # model.py is written concurrently; its own tests cover it
+        pytest.skip(f"model.py not importable: {e}")
+    if not hasattr(M, "attention_bias"):
+        pytest.skip("model.attention_bias not present")
+    tok = make_tok("plain", tmp_path)
+    b = batching.pack_sft([chat.tokenize_sft({"text": t}, tok, 100) for t in ["abcdef", "gh", "ijk"]], 16, tok.pad_id)
+    allowed = M.attention_bias(b["attention_mask"], 16)[:, 0].bool()
+    want = doc_mask(b["attention_mask"])
+    real = b["attention_mask"] > 0
+    assert torch.equal(allowed[real], want[real])  # padding rows may attend anywhere harmless
 
 
 @pytest.mark.parametrize("line,field", [
@@ -172,6 +236,22 @@ def test_malformed_sft_names_file_line_field(tmp_path, line, field):
     assert f"{p}:2" in str(e.value) and field in str(e.value)
 
 
+@pytest.mark.parametrize("line,error", [
+    ('{"prompt": "a", "chosen": "b"}', "missing field 'rejected'"),
+    ('{"prompt": "a", "chosen": 5, "rejected": "c"}', "field 'chosen': expected a string or a list of messages, got int"),
+    ('{"prompt": [{"role": "bot", "content": "x"}], "chosen": "b", "rejected": "c"}',
+     "field 'prompt': message 0: role 'bot' is not one of system/user/assistant"),
+    ('{"prompt": "a", "chosen": [{"role": "user", "content": "x"}], "rejected": "c"}', "field 'chosen': no assistant message"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"', "invalid JSON"),
+])
+def test_malformed_preference_names_file_line_field(tmp_path, line, error):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "ok", "chosen": "yes", "rejected": "no"}\n' + line + "\n")
+    with pytest.raises(formats.DataError) as e:
+        formats.load_preference(p)
+    assert str(e.value).startswith(f"{p}:2: ") and error in str(e.value)
+
+
 def test_malformed_preference_and_unpaired(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text('{"prompt": "a", "chosen": "b", "rejected": 1}\n')
@@ -180,6 +260,10 @@ def test_malformed_preference_and_unpaired(tmp_path):
     p.write_text('{"prompt": "a", "completion": "b", "label": "yes"}\n')
     with pytest.raises(formats.DataError, match=r"p.jsonl:1: field 'label': expected a boolean"):
         formats.load_unpaired(p)
+    p.write_text('{"prompt": "a", "answer": "1"}\n\n{"question": "b"}\n')
+    with pytest.raises(formats.DataError, match=r"p.jsonl:3: missing field 'prompt'"):
+        formats.load_prompts(p)
+    assert formats.read_jsonl(p) == [{"prompt": "a", "answer": "1"}, {"question": "b"}]
 
 
 def test_implicit_prompt_preference(tmp_path):
@@ -208,30 +292,66 @@ def test_batch_indices_rank_aware_and_resumable():
 
 def test_builtin_task_files(tmp_path):
     a, b = task.ensure_task(str(tmp_path / "a")), task.ensure_task(str(tmp_path / "b"))
-    for f in sorted(os.listdir(a)):
+    names = sorted(os.listdir(a))
+    assert names == ["config.json", "test.jsonl", "tokenizer.json", "tokenizer_config.json", "train.jsonl"]
+    for f in names:  # deterministic: byte-identical in two directories
         assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
+    stamp = os.stat(os.path.join(a, "train.jsonl")).st_mtime_ns
+    assert task.ensure_task(a) == a and os.stat(os.path.join(a, "train.jsonl")).st_mtime_ns == stamp  # idempotent
     train, test = formats.load_prompts(os.path.join(a, "train.jsonl")), formats.load_prompts(os.path.join(a, "test.jsonl"))
+    assert (len(train), len(test)) == (task.N_TRAIN, task.N_TEST)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert len(formats.load_sft(os.path.join(a, "train.jsonl"))) == task.N_TRAIN  # also valid SFT data
     tok = chat.load_tokenizer(a)
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (1, 2, 0, [2])
-    for r in train[:200] + test[:200]:
-        x, y = eval(r["prompt"][8:-1].replace("+", ",")), int(r["answer"])  # "What is a+b?"
-        assert sum(x) == y and r["completion"] == r["answer"]
-        ids = tok.encode(r["prompt"])
-        assert 3 not in ids and tok.tokenizer.decode(ids) == r["prompt"]  # no unknown token, exact round trip
-    assert task.is_correct(" 936 ", "936") and not task.is_correct("9360", "936") and not task.is_correct("936 is it", "936")
+    cfg = json.load(open(os.path.join(a, "config.json")))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.chat_format) == (1, 2, 0, [2], "plain")
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 0)
+    assert cfg["vocab_size"] == tok.tokenizer.get_vocab_size() == 100
+    unk = tok.tokenizer.token_to_id("<|unk|>")
+    for r in train + test:
+        x, y = r["prompt"].removeprefix("What is ").removesuffix("?").split("+"), int(r["answer"])
+        assert int(x[0]) + int(x[1]) == y and r["completion"] == r["answer"]
+        assert max(int(x[0]), int(x[1])) < 10 ** task.MAX_DIGITS
+        for text in (r["prompt"], r["completion"]):  # exact round trip, no unknown token
+            ids = tok.encode(text)
+            assert unk not in ids and tok.tokenizer.decode(ids) == text
+    ids, mask = chat.render_chat([{"role": "user", "content": train[0]["prompt"]},
+                                  {"role": "assistant", "content": train[0]["completion"]}], tok)
+    assert tok.tokenizer.decode(ids, skip_special_tokens=False) == f"<|bos|>User: {train[0]['prompt']}\nAssistant: {train[0]['completion']}<|eos|>"
+
+
+def test_builtin_task_answers():
+    assert task.extract_answer(" 936\n") == "936" and task.extract_answer("-5") == "-5"
+    assert task.extract_answer("936 is it") is None and task.extract_answer("9 3 6") is None and task.extract_answer("") is None
+    assert task.is_correct(" 936 ", "936") and task.is_correct("12", 12)
+    assert not task.is_correct("9360", "936") and not task.is_correct("0936", "936") and not task.is_correct("936 is it", "936")
     assert task.reward_fn(["p", "q"], ["12", "13"], answer=["12", "12"], other=[1, 2]) == [1.0, 0.0]
+    assert task.reward_fn(prompts=["p"], completions=["7"], answer=["7"]) == [1.0]
 
 
 def test_gsm8k_reward_and_prepare(tmp_path):
     r = prepare_gsm8k.gsm8k_reward
     assert r(["q"] * 4, ["so 1,234 apples", "It is 5.0", "7 then 8", "none"], answer=["1234", "5", "7", "3"]) == [1.0, 1.0, 0.0, 0.0]
+    assert r(["q"] * 3, ["She makes $18.", "#### -3", "2.5 kg"], answer=["18.0", "-3", "2,5"]) == [1.0, 1.0, 0.0]
     src = tmp_path / "g.jsonl.gz"
     with gzip.open(src, "wt") as f:
         f.write(json.dumps({"question": "2*3?", "answer": "2*3=<<2*3=6>>6\n#### 6"}) + "\n")
     prepare_gsm8k.main(str(src), str(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "sft.jsonl").read_text()) == {"prompt": "2*3?", "completion": "2*3=6\n#### 6"}
     assert json.loads((tmp_path / "out" / "rl.jsonl").read_text()) == {"prompt": "2*3?", "answer": "6"}
+
+
+def test_prepare_gsm8k_on_real_data(tmp_path):
+    src = os.path.join(SHARED, "gsm8k-test.jsonl.gz")
+    if not os.path.exists(src):
+        pytest.skip("../shared/data not present")
+    prepare_gsm8k.main(src, str(tmp_path))
+    sft, rl = formats.load_sft(tmp_path / "sft.jsonl"), formats.load_prompts(tmp_path / "rl.jsonl")
+    assert len(sft) == len(rl) == 1319
+    completions = [e["messages"][1]["content"] for e in sft]
+    assert not any("<<" in c or ">>" in c for c in completions)
+    # the reference solutions earn full reward against the extracted answers
+    assert prepare_gsm8k.gsm8k_reward([r["prompt"] for r in rl], completions, [r["answer"] for r in rl]) == [1.0] * len(rl)
 
 
 def test_prepare_hh_parses_dialogues(tmp_path):
@@ -253,4 +373,5 @@ def test_prepare_hh_on_real_data(tmp_path):
     pairs = formats.load_preference(tmp_path / "hh.jsonl")  # our own reader accepts the output
     for p in pairs:
         roles = [m["role"] for m in p["prompt"]]
-        assert roles[-1] == "user" and all(a != b for a, b in zip(roles, roles[1:]))
+        assert roles[0] == roles[-1] == "user" and all(a != b for a, b in zip(roles, roles[1:]))
+        assert [m["role"] for m in p["chosen"] + p["rejected"]] == ["assistant", "assistant"]

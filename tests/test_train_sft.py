@@ -6,7 +6,6 @@ agree exactly; runs that sum the same numbers in a different order (FSDP reduce-
 process, micro-batches vs one batch) agree to ~1e-6 relative per step, and after a few Adam steps
 the weights agree to 1e-5.
 """
-import json
 import os
 import signal
 import subprocess
@@ -17,29 +16,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, run_script, series
+
 SMALL = ["--max-steps", "6", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0",
          "--eval-samples", "16", "--batch-size", "8", "--lr", "3e-3"]
 
 
-def run(args, cwd, nproc=1, check=True, **kw):
-    script = os.path.join(ROOT, "train_sft.py")
-    cmd = [sys.executable, script] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd + args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+def run(args, cwd, nproc=1, check=True):
+    return run_script("train_sft.py", args, cwd, nproc, check)
 
 
 def losses(out):
-    return {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+    return series(out, "loss")
 
 
 def weights(out):

@@ -1,0 +1,88 @@
+"""train_ppo.py end to end: GRPO with a reward function, PPO with a reward model, the recorded
+rollout against losses.py, KL = 0 at the first step, resume, and FSDP generation."""
+import json
+import os
+
+import pytest
+import torch
+
+import losses
+import model as M
+from helpers import ROOT, run_script, series, tiny_model_dir
+
+SMALL = ["--max-steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--minibatches", "2",
+         "--max-new-tokens", "6", "--eval-every", "0", "--eval-samples", "8", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ppo")
+    return tiny_model_dir(str(d / "policy")), d
+
+
+def test_grpo_with_reward_fn_matches_losses(tiny, tmp_path):
+    policy, _ = tiny
+    rec = tmp_path / "rollout.pt"
+    run_script("train_ppo.py", ["--model", policy, "--out", "o", "--record-rollout", rec] + SMALL, tmp_path)
+    kl = series(tmp_path / "o", "kl")
+    assert kl[1] == 0.0  # policy == reference before the first update: exactly zero
+    assert sorted(kl) == [1, 2, 3]
+    r = torch.load(rec)
+    adv = losses.group_advantages(r["scores"], 4)
+    assert torch.allclose(r["advantages"], adv[:, None] * r["mask"])
+    # the recorded scores are the task verifier's verdicts on the decoded completions
+    from data import chat, task
+    tok = chat.load_tokenizer(policy)
+    P = r["prompt_len"]
+    for row, m, s in zip(r["seqs"], r["mask"], r["scores"]):
+        question = tok.tokenizer.decode(row[:P].tolist(), skip_special_tokens=True)  # "User: What is a+b?\nAssistant: "
+        a, b = question.split("What is ")[1].split("?")[0].split("+")
+        text = tok.tokenizer.decode([int(t) for t, k in zip(row[P:], m) if k], skip_special_tokens=True)
+        assert s.item() == float(task.is_correct(text, str(int(a) + int(b))))
+    assert r["mask"][:, 0].all()  # every completion has at least one token
+
+
+def test_ppo_with_reward_model_matches_gae(tiny, tmp_path):
+    policy, d = tiny
+    rm = M.from_pretrained(policy, head="score", seed=1)
+    M.save_pretrained(rm, tmp_path / "rm", tokenizer_dir=policy)
+    rec = tmp_path / "rollout.pt"
+    run_script("train_ppo.py", ["--model", policy, "--out", "o", "--algo", "ppo", "--reward-model", tmp_path / "rm",
+                                "--beta", "0.05", "--record-rollout", rec] + SMALL, tmp_path)
+    m = series(tmp_path / "o", "value_loss")
+    assert sorted(m) == [1, 2, 3] and "explained_variance" in json.loads(open(tmp_path / "o" / "metrics.jsonl").readlines()[-2])
+    r = torch.load(rec)
+    mask = r["mask"]
+    rewards = -0.05 * (r["old_logps"] - r["ref_logps"]) * mask  # zero at step 0, still the formula
+    last = mask.sum(-1).long() - 1
+    rewards[torch.arange(len(last)), last] += r["scores"]
+    adv, ret = losses.gae(rewards, r["values"], mask, 1.0, 0.95)
+    assert torch.allclose(r["advantages"], losses.masked_whiten(adv, mask), atol=1e-6)
+    assert torch.allclose(r["returns"], ret, atol=1e-6)
+    # the scores are the reward model's, read at each sequence's last completion token
+    seqs, P = r["seqs"], r["prompt_len"]
+    attn = torch.cat([(seqs[:, :P] != 0).long(), mask.long()], 1)
+    with torch.no_grad():
+        s = rm(seqs, attn)[torch.arange(len(last)), P + last]
+    assert torch.allclose(s, r["scores"], atol=1e-5)
+
+
+def test_resume_mid_run_equals_uninterrupted(tiny, tmp_path):
+    policy, _ = tiny
+    args = ["--model", policy, "--out", "o", "--algo", "ppo"] + SMALL
+    (tmp_path / "full").mkdir()
+    (tmp_path / "split").mkdir()
+    run_script("train_ppo.py", args, tmp_path / "full")
+    run_script("train_ppo.py", args + ["--stop-after", "2"], tmp_path / "split")
+    run_script("train_ppo.py", args + ["--resume"], tmp_path / "split")
+    a, b = series(tmp_path / "full" / "o", "policy_loss"), series(tmp_path / "split" / "o", "policy_loss")
+    assert a == b and len(a) == 3
+
+
+def test_generation_under_fsdp_equals_single_process(tiny, tmp_path):
+    policy, _ = tiny
+    script = os.path.join(ROOT, "tests", "fsdp_generate.py")
+    run_script(script, [policy, tmp_path / "two.pt"], tmp_path, nproc=2)
+    run_script(script, [policy, tmp_path / "one.pt"], tmp_path, nproc=1)
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert torch.equal(two[0], one[0]) and torch.equal(two[1], one[1])
