@@ -82,7 +82,8 @@ def main(cfg: SFTConfig):
         if eval_set:
             model.eval()
             nll = ntok = 0.0
-            with torch.no_grad():
+            # unsharded: ranks may get different numbers of eval batches, so no per-layer collectives
+            with torch.no_grad(), common.unsharded(model):
                 for i in range(dist.rank * cfg.batch_size, len(eval_set), cfg.batch_size * dist.world):
                     batch = batching.collate_sft(eval_set[i:i + cfg.batch_size], tok.pad_id)
                     logps, mask = common.token_logps(model, batch, dist, cfg.chunk_size, cfg.packing)

@@ -3,8 +3,10 @@ trustworthy. Each run is a real subprocess (one plain process, or torchrun with 
 
 Tolerances: runs that do the same fp32 arithmetic in the same order (resume vs uninterrupted) must
 agree exactly; runs that sum the same numbers in a different order (FSDP reduce-scatter vs one
-process, micro-batches vs one batch) agree to ~1e-6 relative per step, and after a few Adam steps
-the weights agree to 1e-5.
+process, micro-batches vs one batch) agree to ~1e-6 relative per step in loss and gradient norm.
+Weights are compared after 6 Adam steps at lr 3e-3 (each coordinate moves up to ~1.8e-2): Adam
+divides by sqrt(v) + eps, so coordinates whose gradient is ~0 amplify summation-order noise to
+~2e-5; 1e-4 (0.5% of the largest possible move) still catches a wrong step or a lost micro-batch.
 """
 import os
 import signal
@@ -34,6 +36,14 @@ def weights(out):
     return load_file(os.path.join(out, "model", "model.safetensors"))
 
 
+def assert_same_curves(a, b, rtol=1e-5):
+    for key in ("loss", "grad_norm"):
+        x, y = series(a, key), series(b, key)
+        assert x.keys() == y.keys() and len(x) == 6
+        for k in x:
+            assert abs(x[k] - y[k]) <= rtol * abs(x[k]), (key, k, x[k], y[k])
+
+
 def assert_weights_close(a, b, atol):
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -49,19 +59,14 @@ def single(tmp_path_factory):
 
 def test_one_vs_two_processes(single, tmp_path):
     run(SMALL + ["--out", "o", "--batch-size", "4"], tmp_path, nproc=2)  # 2 ranks x 4 = 8
-    a, b = losses(single / "o"), losses(tmp_path / "o")
-    assert a.keys() == b.keys() and len(a) == 6
-    for k in a:
-        assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
-    assert_weights_close(weights(single / "o"), weights(tmp_path / "o"), 1e-5)
+    assert_same_curves(single / "o", tmp_path / "o")
+    assert_weights_close(weights(single / "o"), weights(tmp_path / "o"), 1e-4)
 
 
 def test_grad_accum_equals_bigger_batch(single, tmp_path):
     run(SMALL + ["--out", "o", "--batch-size", "2", "--grad-accum", "4"], tmp_path)
-    a, b = losses(single / "o"), losses(tmp_path / "o")
-    for k in a:
-        assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
-    assert_weights_close(weights(single / "o"), weights(tmp_path / "o"), 1e-5)
+    assert_same_curves(single / "o", tmp_path / "o")
+    assert_weights_close(weights(single / "o"), weights(tmp_path / "o"), 1e-4)
 
 
 def test_resume_equals_uninterrupted(single, tmp_path):
