@@ -1,7 +1,7 @@
 """train_dpo.py and train_rm.py end to end on small synthetic preference data.
 
-The synthetic task is learnable from scratch: "Repeat 4821" -> chosen "4821", rejected another
-number. Runs are in-process (fast) except the 2-process comparison, which needs torchrun.
+The synthetic preference is learnable from scratch in a few dozen steps: for "Pick a number",
+chosen answers are made of the digits 1-4 and rejected ones of 6-9 (held-out pairs are new strings). Runs are in-process (fast) except the 2-process comparison, which needs torchrun.
 """
 import json
 import os
@@ -22,9 +22,9 @@ def write_pairs(path, n, seed):
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
-            x = str(rng.randint(1000, 9999))
-            y = str(rng.randint(1000, 9999))
-            f.write(json.dumps({"prompt": f"Repeat {x}", "chosen": x, "rejected": y if y != x else x[::-1] + "1"}) + "\n")
+            x = "".join(rng.choice("1234") for _ in range(4))
+            y = "".join(rng.choice("6789") for _ in range(4))
+            f.write(json.dumps({"prompt": "Pick a number", "chosen": x, "rejected": y}) + "\n")
     return str(path)
 
 
@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
 def dpo(setup, out, *extra, steps=3):
     args = ["--model", setup["model"], "--data", setup["train"], "--eval-data", setup["eval"], "--out", str(out),
             "--max-steps", str(steps), "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1",
-            "--eval-every", "0", "--lr", "1e-3", *extra]
+            "--eval-every", "0", "--lr", "1e-3", "--rpo-alpha", "0", *extra]  # plain DPO unless asked
     train_dpo.main(common.parse_config(train_dpo.DPOConfig, args))
     return out
 
@@ -63,7 +63,7 @@ def test_precompute_ref_equals_live_reference(setup, tmp_path):
 def test_one_vs_two_processes(setup, tmp_path):
     one = series(dpo(setup, tmp_path / "one", steps=4), "loss")
     args = ["--model", setup["model"], "--data", setup["train"], "--out", "two", "--max-steps", "4",
-            "--batch-size", "4", "--warmup-steps", "1", "--log-every", "1", "--eval-every", "0", "--lr", "1e-3"]
+            "--batch-size", "4", "--warmup-steps", "1", "--log-every", "1", "--eval-every", "0", "--lr", "1e-3", "--rpo-alpha", "0"]
     run_script("train_dpo.py", args, tmp_path, nproc=2)
     two = series(tmp_path / "two", "loss")
     assert one.keys() == two.keys()
