@@ -255,9 +255,13 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, pos=0):
         """Final hidden states [B, T, D] (after the last norm). With a kv_cache, `attention_mask`
-        covers all pos + T keys and `pos` is where this call's tokens go in the cache."""
+        covers all pos + T keys and `pos` is where this call's tokens go in the cache.
+        `attention_mask` may also be a ready bool mask [B, 1, T, S] (True = may attend), used as
+        is; then pass position_ids too (data/batching.py's shared-prompt preference rows do)."""
         cfg, B, T = self.cfg, input_ids.shape[0], input_ids.shape[1]
         if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 4:
+                raise ValueError("a 4-D attention_mask needs explicit position_ids")
             if attention_mask is not None:  # left padding: count real tokens (HF generate does the same)
                 position_ids = ((attention_mask > 0).long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
@@ -272,7 +276,7 @@ class Transformer(nn.Module):
             freqs = position_ids[:, :, None].float() * rope_inv_freq(cfg).to(x.device)  # [B, T, hd/2]
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
             rope = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        mask = None if attention_mask is None else attention_bias(attention_mask, T)
+        mask = attention_mask if attention_mask is None or attention_mask.dim() == 4 else attention_bias(attention_mask, T)
         if mask is None and kv_cache is not None and pos > 0:
             raise ValueError("decoding with a KV cache needs the attention_mask over all keys")
         for i, layer in enumerate(self.model.layers):

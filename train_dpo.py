@@ -39,6 +39,7 @@ class DPOConfig(common.TrainConfig):
     simpo_gamma_beta_ratio: float = 0.5
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
+    share_prompt: bool = True   # one row per pair, prompt computed once (batching.collate_preference_shared)
     precompute_ref: bool = False  # one no-grad reference pass over the data, then free the reference
     max_prompt_length: int = 128
     max_steps: int = 150
@@ -52,6 +53,10 @@ class DPOConfig(common.TrainConfig):
     samples_per_prompt: int = 8  # built-in task: sampled answers per prompt to build pairs
     pair_prompts: int = 2000     # built-in task: training prompts sampled to build pairs
     sft_steps: int = 0           # built-in task: SFT steps if no SFT model exists (0 = its default)
+
+
+def collate(rows, pad_id, cfg):
+    return (batching.collate_preference_shared if cfg.share_prompt else batching.collate_preference)(rows, pad_id)
 
 
 def sequence_logps(model, batch, dist, cfg):
@@ -145,7 +150,7 @@ def main(cfg: DPOConfig):
         """(loss, metrics) for examples[idx], reference from the live model or the cache."""
         chunk = [examples[j] for j in idx]
         rows = kto_rows(examples, idx) if cfg.loss == "kto" else chunk
-        batch = batching.collate_preference(rows, tok.pad_id)
+        batch = collate(rows, tok.pad_id, cfg)
         pol = sequence_logps(policy, batch, dist, cfg)
         if cache is not None:
             ref_lp = tuple(torch.cat([t[idx, 0], t[idx, 1]]).to(dist.device) for t in cache[split])
@@ -236,7 +241,7 @@ def precompute(ref, examples, dist, cfg, pad_id):
         for i in range(dist.rank * cfg.batch_size, n, cfg.batch_size * dist.world):
             idx = list(range(i, min(i + cfg.batch_size, n)))
             rows = kto_rows(examples, idx) if cfg.loss == "kto" else [examples[j] for j in idx]
-            s, a, _, _ = sequence_logps(ref, batching.collate_preference(rows, pad_id), dist, cfg)
+            s, a, _, _ = sequence_logps(ref, collate(rows, pad_id, cfg), dist, cfg)
             k = len(idx)
             sums[idx], means[idx] = torch.stack([s[:k], s[k:]], 1).double().cpu(), torch.stack([a[:k], a[k:]], 1).double().cpu()
     if dist.world > 1:

@@ -67,6 +67,39 @@ def collate_preference(examples, pad_id):
     return _stack(rows, pad_id)
 
 
+def collate_preference_shared(examples, pad_id):
+    """The same pairs as collate_preference, with each prompt computed once: row i is
+    prompt_i + chosen_i + rejected_i, and the rejected tokens attend to the prompt and to
+    themselves, never to the chosen ones (positions restart after the prompt). Same outputs for a
+    causal model, ~(P + 2R) / (2P + 2R) of the work.
+
+    Returns input_ids / position_ids [B, L], attention_mask as a bool [B, 1, L, L] mask, and for
+    the 2B sequences [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]: labels and loss_mask
+    [2B, R] plus index [2B, R], the flat position in [B * L] whose hidden state predicts each label
+    (the last prompt position predicts the first token of both answers)."""
+    rows, seqs = [], []
+    for e in examples:
+        p, c, r = e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]
+        P, C = len(p), len(c)
+        rows.append((p + c + r, list(range(P + C)) + list(range(P, P + len(r))), [1] * P + [2] * C + [3] * len(r)))
+        seqs.append((c, [P - 1] + list(range(P, P + C - 1))))
+        seqs.append((r, [P - 1] + list(range(P + C, P + C + len(r) - 1))))
+    seqs = seqs[0::2] + seqs[1::2]  # chosen first, then rejected, as collate_preference
+    L, R = max(len(ids) for ids, _, _ in rows), max(len(t) for t, _ in seqs)
+    ids = torch.tensor([r[0] + [pad_id] * (L - len(r[0])) for r in rows])
+    pos = torch.tensor([r[1] + [0] * (L - len(r[1])) for r in rows])
+    seg = torch.tensor([r[2] + [0] * (L - len(r[2])) for r in rows])
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    sq, sk = seg[:, :, None], seg[:, None, :]
+    mask = causal & (sk > 0) & ((sk == 1) | (sk == sq)) | torch.eye(L, dtype=torch.bool)  # pad sees itself
+    B = len(examples)
+    index = torch.tensor([[(i % B) * L + j for j in at] + [0] * (R - len(at)) for i, (_, at) in enumerate(seqs)])
+    labels = torch.tensor([t + [pad_id] * (R - len(t)) for t, _ in seqs])
+    loss_mask = torch.tensor([[1.0] * len(t) + [0.0] * (R - len(t)) for t, _ in seqs])
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None], "index": index,
+            "labels": labels, "loss_mask": loss_mask}
+
+
 def collate_prompts(prompts, pad_id):
     """Left-padded prompt ids [B, P] and attention mask [B, P] for generation."""
     P = max(len(p) for p in prompts)

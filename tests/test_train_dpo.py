@@ -53,11 +53,40 @@ def test_every_loss_trains(setup, tmp_path, loss):
         assert abs(ls[1] - 0.6931471805599453) < 1e-6
 
 
+def test_shared_prompt_rows_equal_two_rows(setup):
+    """collate_preference_shared (prompt once, rejected masked from chosen) gives the two-row
+    layout's log-probs and gradients: same math, fp32 summation noise only."""
+    from data import batching
+    m = M.from_pretrained(setup["model"])
+    d = common.Dist(0, 1, torch.device("cpu"), None)
+    ex = [{"prompt_ids": [1, 5, 6, 7], "chosen_ids": [8, 9, 2], "rejected_ids": [10, 2]},
+          {"prompt_ids": [1, 5], "chosen_ids": [11, 2], "rejected_ids": [12, 13, 14, 15, 2]},
+          {"prompt_ids": [1, 40, 41, 42, 43, 44], "chosen_ids": [2], "rejected_ids": [50, 51, 2]}]
+    out = []
+    for collate in (batching.collate_preference, batching.collate_preference_shared):
+        m.zero_grad()
+        lp, mask = common.token_logps(m, collate(ex, 0), d, chunk_size=4)
+        seq = (lp * mask).sum(-1)
+        (seq * torch.arange(1.0, 7.0)).sum().backward()  # a different weight per sequence
+        out.append((seq.detach(), mask.sum(-1), [p.grad.clone() for p in m.parameters()]))
+    (a, na, ga), (b, nb, gb) = out
+    assert torch.equal(na, torch.tensor([3.0, 2, 1, 2, 5, 3])) and torch.equal(na, nb)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(ga, gb))
+    # the rejected answer must not see the chosen one: changing chosen leaves rejected unchanged
+    ex2 = [dict(e, chosen_ids=[60, 61, 62] + e["chosen_ids"]) for e in ex]
+    with torch.no_grad():
+        lp2, mask2 = common.token_logps(m, batching.collate_preference_shared(ex2, 0), d, chunk_size=4)
+    assert torch.allclose((lp2 * mask2).sum(-1)[3:], b[3:], atol=1e-5)
+
+
 def test_precompute_ref_equals_live_reference(setup, tmp_path):
     live = series(dpo(setup, tmp_path / "live", steps=4), "loss")
     pre = series(dpo(setup, tmp_path / "pre", "--precompute-ref", steps=4), "loss")
     # the same reference log-probs, computed in batches of a different padded length: fp32 noise only
     assert all(abs(live[k] - pre[k]) < 1e-5 for k in live) and len(live) == 4
+    rows = series(dpo(setup, tmp_path / "rows", "--share-prompt", "false", steps=4), "loss")
+    assert all(abs(live[k] - rows[k]) < 1e-5 for k in live)
 
 
 def test_one_vs_two_processes(setup, tmp_path):
