@@ -21,8 +21,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
+from data import batching  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--layers", type=int, default=4)
@@ -35,7 +37,8 @@ p.add_argument("--resp-len", type=int, default=64)
 p.add_argument("--batch", type=int, default=8)
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--threads", type=int, default=2)
-p.add_argument("--chunk-size", type=int, default=1024)
+p.add_argument("--chunk-size", type=int, default=256)
+p.add_argument("--no-share-prompt", action="store_true", help="chosen and rejected as two full rows (TRL's layout)")
 p.add_argument("--trl-python", default="", help="python of a venv with trl installed: run TRL's bench too")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
@@ -51,21 +54,22 @@ policy.init_weights(seed=0)
 ref = M.Transformer(cfg)
 ref.load_state_dict(policy.state_dict())
 ref.requires_grad_(False).eval()
-opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
 
 T = a.prompt_len + a.resp_len
+collate = batching.collate_preference if a.no_share_prompt else batching.collate_preference_shared
 batches = []
-for _ in range(a.steps):  # rows [chosen; rejected], the same prompt on both
-    prompt = torch.randint(4, V, (a.batch, a.prompt_len))
-    resp = torch.randint(4, V, (2 * a.batch, a.resp_len))
-    batches.append(torch.cat([prompt.repeat(2, 1), resp], 1))
+for _ in range(a.steps):  # the same prompt for chosen and rejected, as TRL's bench
+    prompt = torch.randint(4, V, (a.batch, a.prompt_len)).tolist()
+    resp = torch.randint(4, V, (2 * a.batch, a.resp_len)).tolist()
+    batches.append(collate([{"prompt_ids": prompt[i], "chosen_ids": resp[i], "rejected_ids": resp[a.batch + i]}
+                            for i in range(a.batch)], pad_id=0))
+dist = common.Dist(rank=0, world=1, device=torch.device("cpu"), autocast_dtype=None)
+opt = common.make_optimizer(policy, common.TrainConfig(lr=1e-4), dist)  # train_dpo.py's AdamW
 
 
-def seq_logps(m, ids):
-    # as train_dpo.py does (common.token_logps): only response positions go through the LM head
-    labels = torch.roll(ids, -1, 1)[:, a.prompt_len - 1:T - 1]
-    lp = m(ids, head_fn=lambda h, w: losses.logprobs_from_hidden(h[:, a.prompt_len - 1:T - 1], w, labels, a.chunk_size))
-    return lp.sum(-1)
+def seq_logps(m, batch):  # exactly train_dpo.py's path: only answer positions go through the LM head
+    lp, mask = common.token_logps(m, batch, dist, a.chunk_size)
+    return (lp * mask).sum(-1)
 
 
 t0 = time.perf_counter()
@@ -81,7 +85,8 @@ dt = time.perf_counter() - t0
 tokens = a.batch * a.steps * 2 * T
 ours = {"impl": "nanotrl", "steps_per_s": a.steps / dt, "tokens_per_s": tokens / dt,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "vocab": a.vocab,
-        "params_m": sum(p.numel() for p in policy.parameters()) / 1e6, "threads": a.threads, "loss": loss.item()}
+        "params_m": sum(p.numel() for p in policy.parameters()) / 1e6, "threads": a.threads,
+        "share_prompt": not a.no_share_prompt, "chunk_size": a.chunk_size, "loss": loss.item()}
 print(json.dumps(ours), flush=True)
 
 if a.trl_python:
