@@ -1,17 +1,25 @@
 """
-The built-in task: integer addition, "What is 47+85?" -> "132".
+The built-in task: two-digit addition, "What is 47+85?" -> "132", learned from a flawed teacher.
 
 Why this task: the answer is verifiable exactly (exact match is the metric and the RL reward), a
-~1M-parameter model learns it from scratch in minutes on a laptop CPU, and it is hard enough in
-the way that matters: the answer is written most-significant digit first, so the first digit
-already depends on carries from the right. The SFT model gets most problems right and fails
-some carry chains, which leaves DPO and RL a measurable gain to make. Character-level tokens
-keep the tokenizer trivial and every digit its own prediction; the words of the prompt go
-through the "plain" chat format, so the chat path is exercised too.
+~1M-parameter model learns it from scratch in about a minute on a laptop CPU, and the answer is
+written most-significant digit first, so its first digits already depend on the carry from the
+units. Character-level tokens keep the tokenizer trivial and every digit its own prediction; the
+words of the prompt go through the "plain" chat format, so the chat path is exercised too.
 
-Difficulty knobs: MIN_DIGITS..MAX_DIGITS (each operand draws a digit count d uniformly, then a
-value uniformly in [0, 10**d)), N_TRAIN / N_TEST. More digits = longer carry chains = harder.
-Changing a knob changes the files: delete TASK_DIR so ensure_task writes them again.
+Why the SFT demonstrations are flawed: they come from a teacher that forgets the units carry
+3 times in 4 (47+85 -> "122"; every record's "answer" field holds the truth, which the verifier
+uses). Supervised fine-tuning imitates its teacher, so the SFT model converges to the teacher's
+habit: it gets every problem without a units carry right (~55% of them) and, greedily, almost
+none with one. That level is a property of the data, not of where a still-learning run happens to
+stop, so it barely moves with the seed, the number of processes or the machine. Imitation cannot
+fix it but the verifier can: sampled answers to carry problems are right about 1 time in 4, which
+gives DPO its (correct, wrong) pairs and GRPO/PPO their reward signal. Held-out records
+(test.jsonl) carry the true answer as their completion, so eval/loss is measured against the truth.
+
+Knobs: DIGITS (operand length), TEACHER_FORGETS_CARRY (0 = a perfect teacher; SFT alone then
+reaches ~95%+ and leaves DPO/RL little to do), N_TRAIN / N_TEST. Changing a knob changes the files:
+delete TASK_DIR so ensure_task writes them again.
 
 ensure_task(dir) writes, deterministically: train.jsonl / test.jsonl (disjoint problems;
 {"prompt", "completion", "answer"} records usable for SFT, preference sampling and RL),
@@ -25,7 +33,8 @@ import re
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 TASK_DIR = "runs/task"
-MIN_DIGITS, MAX_DIGITS = 1, 2  # operands have MIN_DIGITS..MAX_DIGITS digits (count drawn uniformly)
+DIGITS = 2                   # both operands have exactly this many digits
+TEACHER_FORGETS_CARRY = 0.75  # how often a training demonstration drops the units carry
 N_TRAIN, N_TEST = 4000, 500
 SEED = 1234
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
@@ -51,21 +60,24 @@ def build_tokenizer() -> Tokenizer:
 
 
 def problem(rng):
-    a, b = (rng.randint(0, 10 ** rng.randint(MIN_DIGITS, MAX_DIGITS) - 1) for _ in range(2))
-    return f"What is {a}+{b}?", str(a + b)
+    """(prompt, true answer, the teacher's demonstration)."""
+    a, b = (rng.randint(10 ** (DIGITS - 1), 10 ** DIGITS - 1) for _ in range(2))
+    forgets = a % 10 + b % 10 >= 10 and rng.random() < TEACHER_FORGETS_CARRY
+    return f"What is {a}+{b}?", str(a + b), str(a + b - 10 * forgets)
 
 
 def examples(n_train=None, n_test=None, seed=SEED):
-    """Disjoint train and test problems, deterministic for a seed."""
+    """Disjoint train and test problems, deterministic for a seed. Training completions are the
+    teacher's demonstrations; test completions are the true answers."""
     n_train, n_test = n_train or N_TRAIN, n_test or N_TEST
-    if n_train + n_test > 0.5 * (10 ** MAX_DIGITS) ** 2:
-        raise ValueError(f"{n_train + n_test} distinct problems asked of {MAX_DIGITS}-digit operands: too few exist")
+    if n_train + n_test > 0.75 * (9 * 10 ** (DIGITS - 1)) ** 2:  # rejection sampling must stay quick
+        raise ValueError(f"{n_train + n_test} distinct problems asked of {DIGITS}-digit operands: too few exist")
     rng, seen, out = random.Random(seed), set(), []
     while len(out) < n_train + n_test:
-        prompt, answer = problem(rng)
+        prompt, answer, demo = problem(rng)
         if prompt not in seen:
             seen.add(prompt)
-            out.append({"prompt": prompt, "completion": answer, "answer": answer})
+            out.append({"prompt": prompt, "completion": demo if len(out) < n_train else answer, "answer": answer})
     return out[:n_train], out[n_train:]
 
 

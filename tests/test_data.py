@@ -308,13 +308,22 @@ def test_builtin_task_files(tmp_path):
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 0)
     assert cfg["vocab_size"] == tok.tokenizer.get_vocab_size() == 100
     unk = tok.tokenizer.token_to_id("<|unk|>")
-    for r in train + test:
-        x, y = r["prompt"].removeprefix("What is ").removesuffix("?").split("+"), int(r["answer"])
-        assert int(x[0]) + int(x[1]) == y and r["completion"] == r["answer"]
-        assert max(int(x[0]), int(x[1])) < 10 ** task.MAX_DIGITS
+    forgot = {True: 0, False: 0}  # units carry -> demonstrations that dropped it
+    for r, held_out in [(r, False) for r in train] + [(r, True) for r in test]:
+        a_, b_ = map(int, r["prompt"].removeprefix("What is ").removesuffix("?").split("+"))
+        assert a_ + b_ == int(r["answer"]) and all(10 <= x < 100 for x in (a_, b_))
+        carry, demo = a_ % 10 + b_ % 10 >= 10, int(r["completion"])
+        if held_out or not carry:  # the truth, except where the teacher may drop the units carry
+            assert demo == a_ + b_
+        else:
+            assert demo in (a_ + b_, a_ + b_ - 10)
+            forgot[True] += demo != a_ + b_
+            forgot[False] += demo == a_ + b_
         for text in (r["prompt"], r["completion"]):  # exact round trip, no unknown token
             ids = tok.encode(text)
             assert unk not in ids and tok.tokenizer.decode(ids) == text
+    rate = forgot[True] / (forgot[True] + forgot[False])  # ~1,800 carry problems: binomial sd ~0.01
+    assert abs(rate - task.TEACHER_FORGETS_CARRY) < 0.04, rate
     ids, mask = chat.render_chat([{"role": "user", "content": train[0]["prompt"]},
                                   {"role": "assistant", "content": train[0]["completion"]}], tok)
     assert tok.tokenizer.decode(ids, skip_special_tokens=False) == f"<|bos|>User: {train[0]['prompt']}\nAssistant: {train[0]['completion']}<|eos|>"
