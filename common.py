@@ -109,6 +109,10 @@ def setup(cfg: TrainConfig) -> Dist:
     # bf16 on CPUs without native bf16 is ~70x slower than fp32 (measured on the 2-core EPYC dev box),
     # so "auto" means fp32 there.
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if bf16 and device.type == "cuda":
+        # the fp32 matmuls left (the chunked LM head, losses.logprobs_from_hidden) on tensor cores
+        # as TF32: 10 mantissa bits, more than the bf16 the rest of the model runs in
+        torch.set_float32_matmul_precision("high")
     torch.manual_seed(cfg.seed)
     return Dist(rank, world, device, torch.bfloat16 if bf16 else None)
 
