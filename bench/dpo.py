@@ -39,6 +39,7 @@ p.add_argument("--steps", type=int, default=20)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--chunk-size", type=int, default=256)
 p.add_argument("--no-share-prompt", action="store_true", help="chosen and rejected as two full rows (TRL's layout)")
+p.add_argument("--naive-logps", action="store_true", help="for contrast: full [rows, T, V] logits, then log-softmax (TRL's way)")
 p.add_argument("--trl-python", default="", help="python of a venv with trl installed: run TRL's bench too")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
@@ -68,6 +69,11 @@ opt = common.make_optimizer(policy, common.TrainConfig(lr=1e-4), dist)  # train_
 
 
 def seq_logps(m, batch):  # exactly train_dpo.py's path: only answer positions go through the LM head
+    if a.naive_logps:
+        logits = m(batch["input_ids"], batch["attention_mask"] if "index" in batch else None, batch["position_ids"])
+        if "index" in batch:  # shared-prompt rows: the positions that predict each answer token
+            logits = logits.flatten(0, 1)[batch["index"]]
+        return (losses.logprobs_from_logits(logits, batch["labels"]) * batch["loss_mask"]).sum(-1)
     lp, mask = common.token_logps(m, batch, dist, a.chunk_size)
     return (lp * mask).sum(-1)
 
@@ -86,7 +92,8 @@ tokens = a.batch * a.steps * 2 * T
 ours = {"impl": "nanotrl", "steps_per_s": a.steps / dt, "tokens_per_s": tokens / dt,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "vocab": a.vocab,
         "params_m": sum(p.numel() for p in policy.parameters()) / 1e6, "threads": a.threads,
-        "share_prompt": not a.no_share_prompt, "chunk_size": a.chunk_size, "loss": loss.item()}
+        "share_prompt": not a.no_share_prompt, "chunk_size": None if a.naive_logps else a.chunk_size,
+        "prompt_len": a.prompt_len, "resp_len": a.resp_len, "batch": a.batch, "loss": loss.item()}
 print(json.dumps(ours), flush=True)
 
 if a.trl_python:
