@@ -23,9 +23,9 @@ from data import batching, chat, formats, task
 class SFTConfig(common.TrainConfig):
     """Supervised fine-tuning (SFT)."""
     out: str = "runs/sft"
-    max_steps: int = 600
+    max_steps: int = 900
     batch_size: int = 32       # per process: 64 per step on 2 processes
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup_steps: int = 30
     eval_data: str = ""        # held-out JSONL for eval/loss; built-in task: its test split
     eval_every: int = 200
