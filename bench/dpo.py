@@ -41,6 +41,8 @@ p.add_argument("--chunk-size", type=int, default=256)
 p.add_argument("--no-share-prompt", action="store_true", help="chosen and rejected as two full rows (TRL's layout)")
 p.add_argument("--naive-logps", action="store_true", help="for contrast: full [rows, T, V] logits, then log-softmax (TRL's way)")
 p.add_argument("--trl-python", default="", help="python of a venv with trl installed: run TRL's bench too")
+p.add_argument("--trl-bench", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "trl_dpo_bench.py"),
+               help="TRL's side of the comparison")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
@@ -97,11 +99,9 @@ ours = {"impl": "nanotrl", "steps_per_s": a.steps / dt, "tokens_per_s": tokens /
 print(json.dumps(ours), flush=True)
 
 if a.trl_python:
-    here = os.path.dirname(os.path.abspath(__file__))
-    trl_bench = os.path.join(here, "..", "..", "shared", "bench", "trl_dpo_bench.py")
     args = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
             ("layers", "dim", "heads", "kv_heads", "vocab", "prompt_len", "resp_len", "batch", "steps", "threads")]
-    out = subprocess.run([a.trl_python, trl_bench] + args, capture_output=True, text=True,
+    out = subprocess.run([a.trl_python, a.trl_bench] + args, capture_output=True, text=True,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"), check=True).stdout
     trl = json.loads(out.strip().splitlines()[-1])
     print(json.dumps(trl))

@@ -10,9 +10,9 @@ words of the prompt go through the "plain" chat format, so the chat path is exer
 Why the SFT demonstrations are flawed: they come from a teacher that forgets the units carry
 3 times in 4 (47+85 -> "122"; every record's "answer" field holds the truth, which the verifier
 uses). Supervised fine-tuning imitates its teacher, so the SFT model converges to the teacher's
-habit: it gets every problem without a units carry right (~55% of them) and, greedily, almost
-none with one. That level is a property of the data, not of where a still-learning run happens to
-stop, so it barely moves with the seed, the number of processes or the machine. Imitation cannot
+habit: it gets the problems without a units carry right (~59% of them) and, greedily, only some
+with one. That level is set by the data, not by where a still-learning run happens to stop, so
+it moves little with the seed, the number of processes or the machine. Imitation cannot
 fix it but the verifier can: sampled answers to carry problems are right about 1 time in 4, which
 gives DPO its (correct, wrong) pairs and GRPO/PPO their reward signal. Held-out records
 (test.jsonl) carry the true answer as their completion, so eval/loss is measured against the truth.
