@@ -119,8 +119,8 @@ def main(cfg: DPOConfig):
     policy = common.shard(M.from_pretrained(model_dir), dist)
     held_out = []
     if cfg.data:
-        pairs = formats.load_preference(cfg.data)
-        eval_pairs = formats.load_preference(cfg.eval_data) if cfg.eval_data else []
+        pairs = load(cfg.data, cfg)
+        eval_pairs = load(cfg.eval_data, cfg) if cfg.eval_data else []
     else:  # built-in task: the SFT model's own answers, judged by the verifier
         tdir = task.ensure_task(task.TASK_DIR)
         held_out = formats.load_prompts(os.path.join(tdir, "test.jsonl"))[:cfg.eval_samples]
@@ -219,10 +219,25 @@ def main(cfg: DPOConfig):
     common.save_final(policy, cfg, dist, model_dir)
 
 
-def encode(pairs, tok, cfg):
-    """Tokenised pairs; for KTO, each pair becomes a desirable and an undesirable example
-    (TRL's unpair_preference_dataset), unless the data is already unpaired."""
-    out = [chat.tokenize_preference(ex, tok, cfg.max_length, cfg.max_prompt_length) for ex in pairs]
+def load(path, cfg):
+    """Preference pairs; with --loss kto, unpaired {"prompt", "completion", "label"} records too
+    (told apart by the first record's "label" field)."""
+    if cfg.loss == "kto" and "label" in next(iter(formats.read_jsonl(path)), {}):
+        return formats.load_unpaired(path)
+    return formats.load_preference(path)
+
+
+def encode(examples, tok, cfg):
+    """Tokenised pairs; for KTO, unpaired examples, each pair giving a desirable and an
+    undesirable one (TRL's unpair_preference_dataset)."""
+    if cfg.loss == "kto" and examples and "label" in examples[0]:
+        out = []
+        for ex in examples:  # truncated by the pair rule, as a pair whose two answers are both it
+            e = chat.tokenize_preference({**ex, "chosen": ex["completion"], "rejected": ex["completion"]}, tok,
+                                         cfg.max_length, cfg.max_prompt_length)
+            out.append({"prompt_ids": e["prompt_ids"], "completion_ids": e["chosen_ids"], "label": ex["label"]})
+        return out
+    out = [chat.tokenize_preference(ex, tok, cfg.max_length, cfg.max_prompt_length) for ex in examples]
     if cfg.loss != "kto":
         return out
     # all desirable examples, then all undesirable: neighbours (the KL rows) have different prompts

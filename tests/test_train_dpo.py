@@ -53,6 +53,19 @@ def test_every_loss_trains(setup, tmp_path, loss):
         assert abs(ls[1] - 0.6931471805599453) < 1e-6
 
 
+def test_kto_reads_unpaired_data(setup, tmp_path):
+    """--loss kto takes TRL's unpaired records as they are, and they train exactly like the same
+    examples unpaired from the preference file (desirable ones first, then undesirable)."""
+    pairs = [json.loads(line) for line in open(setup["train"])]
+    unpaired = tmp_path / "unpaired.jsonl"
+    with open(unpaired, "w") as f:
+        for key, label in (("chosen", True), ("rejected", False)):
+            f.writelines(json.dumps({"prompt": p["prompt"], "completion": p[key], "label": label}) + "\n" for p in pairs)
+    a = series(dpo(setup, tmp_path / "pairs", "--loss", "kto"), "loss")
+    b = series(dpo(dict(setup, train=str(unpaired)), tmp_path / "unpaired", "--loss", "kto"), "loss")
+    assert a == b and len(a) == 3
+
+
 def test_shared_prompt_rows_equal_two_rows(setup):
     """collate_preference_shared (prompt once, rejected masked from chosen) gives the two-row
     layout's log-probs and gradients: same math, fp32 summation noise only."""
