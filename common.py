@@ -326,7 +326,12 @@ class Logger:
         self.file = None
         if self.main:
             os.makedirs(cfg.out, exist_ok=True)
-            self.file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+            path = os.path.join(cfg.out, "metrics.jsonl")
+            # a fresh run starts a fresh file; a resumed one drops what was logged after its checkpoint
+            kept = [line for line in open(path) if json.loads(line)["step"] <= start_step] \
+                if start_step and os.path.exists(path) else []
+            self.file = open(path, "w")
+            self.file.writelines(kept)
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=2)
 

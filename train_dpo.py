@@ -78,12 +78,15 @@ def kto_rows(examples, idx):
 def objective(cfg, pol, ref, n, desirable=None, dist=None):
     """The configured loss on n pairs (or, for KTO, n unpaired examples). pol and ref are
     sequence_logps outputs over rows [chosen; rejected] (KTO: [target; mismatched]); ref is None
-    for reference-free losses. Returns (loss, metrics as floats)."""
+    for reference-free losses. With `dist`, KTO's KL baseline is averaged over ranks. Returns
+    (loss, metrics as floats)."""
     use = 1 if cfg.loss in AVERAGED else 0  # IPO, SimPO and ORPO use length-averaged log-probs
     c, r = pol[use][:n], pol[use][n:]
     if cfg.loss == "kto":
-        # the KL estimate is a batch-level, detached baseline: average it over ranks
-        kl = common.all_sum((pol[0][n:] - ref[0][n:]).mean().item(), dist) / dist.world
+        # the KL estimate is a batch-level, detached baseline: in training, averaged over ranks
+        kl = (pol[0][n:] - ref[0][n:]).mean().item()
+        if dist is not None:
+            kl = common.all_sum(kl, dist) / dist.world
         per_row, rewards = losses.kto_loss(pol[0][:n], ref[0][:n], desirable, torch.tensor(kl), cfg.beta,
                                            cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
         d = desirable.float()
@@ -128,6 +131,8 @@ def main(cfg: DPOConfig):
                                                dist, task.is_correct, cfg.samples_per_prompt, cfg.seed, cfg.max_new_tokens)
         eval_pairs, pairs = pairs[:len(pairs) // 20], pairs[len(pairs) // 20:]
     train, evals = encode(pairs, tok, cfg), encode(eval_pairs, tok, cfg)
+    if 0 < len(evals) < dist.world:
+        raise ValueError(f"{len(evals)} held-out examples for {dist.world} processes: give each one at least one")
     common.print0(f"{len(train)} training {'examples' if cfg.loss == 'kto' else 'pairs'}, {len(evals)} held out")
 
     # ---- models
@@ -160,7 +165,8 @@ def main(cfg: DPOConfig):
         else:
             ref_lp = None
         desirable = torch.tensor([e["label"] for e in chunk], device=dist.device) if cfg.loss == "kto" else None
-        return objective(cfg, pol, ref_lp, len(chunk), desirable, dist)
+        # evaluation runs a different number of batches per rank: no collectives there
+        return objective(cfg, pol, ref_lp, len(chunk), desirable, dist if split == "train" else None)
 
     def evaluate(step):
         metrics = {}
@@ -169,8 +175,9 @@ def main(cfg: DPOConfig):
             sums, count = {}, 0
             # unsharded: ranks may run different numbers of batches, so no collectives inside
             with torch.no_grad(), common.unsharded(policy), common.unsharded(ref) if ref is not None else nullcontext():
-                for i in range(dist.rank * cfg.batch_size, len(evals), cfg.batch_size * dist.world):
-                    idx = list(range(i, min(i + cfg.batch_size, len(evals))))
+                mine = list(range(dist.rank, len(evals), dist.world))  # every rank has one example at least
+                for i in range(0, len(mine), cfg.batch_size):
+                    idx = mine[i:i + cfg.batch_size]
                     _, m = step_batch(evals, idx, "eval")
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + v * len(idx)

@@ -94,7 +94,8 @@ def main(cfg: RMConfig):
         rm.train()
         log.log(step, {"eval/accuracy": common.all_sum(correct, dist) / max(common.all_sum(total, dist), 1)})
 
-    evaluate(start)
+    if start == 0:
+        evaluate(0)
     # ---- loop (from here on, SIGTERM means: checkpoint at the end of this step, then exit)
     preempt = common.Preemption()
     rm.train()

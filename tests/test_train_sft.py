@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, run_script, series
+from helpers import ROOT, metrics, run_script, series
 
 SMALL = ["--max-steps", "6", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0",
          "--eval-samples", "16", "--batch-size", "8", "--lr", "3e-3"]
@@ -75,7 +75,10 @@ def test_resume_equals_uninterrupted(single, tmp_path):
     run(SMALL + ["--out", "o", "--resume"], tmp_path)  # a new process continues at step 3
     a, b = losses(single / "o"), losses(tmp_path / "o")
     assert [b[k] for k in sorted(b)] == [a[k] for k in sorted(a)]
+    assert [m["step"] for m in metrics(tmp_path / "o") if "loss" in m] == [1, 2, 3, 4, 5, 6]  # one line per step
     assert_weights_close(weights(single / "o"), weights(tmp_path / "o"), 0.0)
+    run(SMALL + ["--out", "o", "--max-steps", "2"], tmp_path)  # a fresh run into the same directory starts afresh
+    assert [m["step"] for m in metrics(tmp_path / "o") if "loss" in m] == [1, 2]
 
 
 def test_sigterm_leaves_resumable_checkpoint(single, tmp_path):
