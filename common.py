@@ -135,6 +135,8 @@ def shard(model, dist: Dist, train=True):
     """FSDP2: each block, then the root (embeddings, final norm, head). On GPU, bf16 params for
     compute with fp32 master weights and fp32 gradient reduction."""
     model.to(dist.device)
+    if not train:
+        model.requires_grad_(False)
     if dist.world == 1:
         return model
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -142,8 +144,6 @@ def shard(model, dist: Dist, train=True):
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    if not train:
-        model.requires_grad_(False)
     return model
 
 
@@ -162,13 +162,15 @@ def unsharded(model):
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in mods:
         m.unshard()
-        m.set_reshard_after_forward(False)
+        m.set_reshard_after_forward(False, recurse=False)
     try:
         yield model
     finally:
         for m in mods:
             m.reshard()
-            m.set_reshard_after_forward(True)
+            # as fully_shard set them: the root keeps its parameters after forward (backward needs
+            # them at once), the blocks free theirs
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 def full_state_dict(model, dist: Dist):

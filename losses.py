@@ -418,7 +418,7 @@ def rloo_advantages(rewards, group_size):
 # ---------------------------------------------------------------------------------------------
 
 
-def policy_gradient_loss(per_token_loss, mask, agg="dapo", max_len=None):
+def policy_gradient_loss(per_token_loss, mask, agg="dapo", max_len=None, num_tokens=None):
     """Reduce a per-token loss [B, T] with mask [B, T] to a scalar; the choice matters.
 
       grpo     mean over each sequence's tokens, then mean over sequences (GRPO, Shao et al.
@@ -427,8 +427,9 @@ def policy_gradient_loss(per_token_loss, mask, agg="dapo", max_len=None):
                max_len is the maximum completion length, default T
       dapo     sum over all tokens / number of tokens, the token-level mean (DAPO, Yu et al. 2025)
 
-    With gradient accumulation, "dapo" is a mean within this micro-batch only; see `sft_loss` for
-    normalising by the whole step's token count instead.
+    num_tokens (dapo only) replaces this batch's token count: pass the count of the whole batch
+    across ranks (divided by the number of ranks when gradients are averaged over them, as FSDP
+    does) so that every token weighs the same wherever it is; see `sft_loss`.
     """
     mask = mask.to(per_token_loss.dtype)
     if agg == "grpo":
@@ -437,12 +438,12 @@ def policy_gradient_loss(per_token_loss, mask, agg="dapo", max_len=None):
         B, T = mask.shape
         return (per_token_loss * mask).sum() / (B * (max_len or T))
     if agg == "dapo":
-        return masked_mean(per_token_loss, mask)
+        return masked_mean(per_token_loss, mask) if num_tokens is None else (per_token_loss * mask).sum() / num_tokens
     raise ValueError(f"unknown agg {agg!r}; expected 'grpo', 'dr_grpo' or 'dapo'")
 
 
 def ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_high=None,
-                    agg="dapo", max_len=None):
+                    agg="dapo", max_len=None, num_tokens=None):
     """PPO's clipped surrogate objective (Schulman et al., 2017), as a loss to minimise.
 
     logps [B, T] current policy; old_logps [B, T] detached, from the policy that sampled;
@@ -452,8 +453,8 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_h
       ratio = exp(logps - old_logps)
       per-token loss = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))
     clip_eps_high defaults to clip_eps; a larger one is DAPO's "clip-higher" (Yu et al., 2025).
-    The per-token loss is reduced by `policy_gradient_loss(agg)`: the default "dapo" is the token
-    mean over the mask (PPO); GRPO uses agg="grpo" or "dr_grpo".
+    The per-token loss is reduced by `policy_gradient_loss(agg, max_len, num_tokens)`: the default
+    "dapo" is the token mean over the mask (PPO); GRPO uses agg="grpo" or "dr_grpo".
 
     stats: clipfrac (fraction of tokens where the clipped term is active), approx_kl (the k3
     estimator of KL(old || new), >= 0), ratio_mean.
@@ -463,7 +464,7 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_h
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
-    loss = policy_gradient_loss(torch.maximum(unclipped, clipped), mask, agg, max_len)
+    loss = policy_gradient_loss(torch.maximum(unclipped, clipped), mask, agg, max_len, num_tokens)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),

@@ -521,7 +521,8 @@ def generate(model: Transformer, input_ids, attention_mask=None, max_new_tokens=
     positions = attention_mask.long().sum(-1, keepdim=True)  # next position of each sequence
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out, alive = [], []
-    logits = model(input_ids, mask[:, :P], kv_cache=cache, pos=0)[:, -1]
+    # the prompt's last position only: [B, P, V] logits of a long prompt and a large vocabulary are GBs
+    logits = model(input_ids, mask[:, :P], kv_cache=cache, pos=0, head_fn=lambda h, w: F.linear(h[:, -1], w))
     for t in range(max_new_tokens):
         tok = sample(logits, temperature, top_k, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)

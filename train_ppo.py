@@ -13,7 +13,8 @@ Each step:
       +--> old log-probs (policy), reference log-probs, values (PPO) <-----------------------------+
                                    |
             advantages: PPO = GAE on (score - beta * KL per token), whitened
-                        GRPO = group-normalised scores, RLOO = leave-one-out baseline
+                        GRPO = group-normalised scores, RLOO = leave-one-out baseline (Ahmadian
+                        et al. 2024) in the same clipped objective and k3 KL term as GRPO
                                    |
             ppo_epochs x minibatches: clipped policy loss (+ beta * k3 KL for GRPO/RLOO)
                                       (+ clipped value loss, PPO)
@@ -66,6 +67,7 @@ class PPOConfig(common.TrainConfig):
     max_new_tokens: int = 16     # response length cap
     max_prompt_length: int = 128
     missing_eos_penalty: float = 0.0  # subtracted from the score of completions that never emitted EOS
+    stop_tokens: str = ""        # more tokens that end a completion, comma-separated (EOS and end-of-turn always do)
     eval_every: int = 10
     eval_samples: int = 256
     log_every: int = 1
@@ -82,11 +84,14 @@ def load_reward_fn(spec):
 def completion_logps(model, seqs, attn, P, dist, cfg, entropy=False):
     """Log-probs [N, L] of the completion tokens seqs[:, P:] under `model` (and, optionally, the
     per-token entropy [N, L]), computed in chunks over positions. Position P - 1 + i predicts
-    completion token i: the one shift of this script, done here."""
+    completion token i: the one shift of this script, done here. The distribution is the one the
+    rollout sampled from, softmax(logits / temperature) (hidden / T through the linear head is
+    logits / T); top-k/top-p truncation is not modelled, as in TRL."""
     labels = torch.roll(seqs, -1, dims=1)
+    temperature = cfg.temperature or 1.0  # greedy rollouts: the untempered distribution
 
     def head(h, w):
-        h = h[:, P - 1:-1]
+        h = h[:, P - 1:-1] / temperature
         lp = losses.logprobs_from_hidden(h, w, labels[:, P - 1:-1], cfg.chunk_size)
         return (lp, losses.entropy_from_hidden(h, w, cfg.chunk_size)) if entropy else lp
 
@@ -114,6 +119,10 @@ def main(cfg: PPOConfig):
     # ---- data
     model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed)
     tok = chat.load_tokenizer(model_dir)
+    for t in filter(None, cfg.stop_tokens.split(",")):
+        if tok.tokenizer.token_to_id(t) is None:
+            raise ValueError(f"--stop-tokens: {t!r} is not a single token of {model_dir}'s tokenizer")
+        tok.stop_ids.append(tok.tokenizer.token_to_id(t))
     if cfg.data:
         prompts = formats.load_prompts(cfg.data)
         held_out = []
@@ -143,8 +152,6 @@ def main(cfg: PPOConfig):
     if cfg.resume and (ckpt := common.latest_checkpoint(cfg.out)):
         start = common.load_checkpoint(ckpt, dist, parts)["step"]
         common.print0(f"resumed from {ckpt} at step {start}")
-    else:  # ranks sample different completions; the RNG state is checkpointed, so resume is exact
-        torch.manual_seed(cfg.seed * 1000 + dist.rank)
     log = common.Logger(cfg, dist, start)
 
     def evaluate(step):
@@ -163,10 +170,12 @@ def main(cfg: PPOConfig):
         rows = [prompt_ids[i] for i in idx for _ in range(cfg.group_size)]
         ids, pmask = batching.collate_prompts(rows, tok.pad_id)
         ids, pmask = ids.to(dist.device), pmask.to(dist.device)
+        # the samples are a function of (seed, step, rank): different on each rank, the same on resume
+        g = torch.Generator(dist.device).manual_seed((cfg.seed * 100_003 + step) * 1009 + dist.rank)
         policy.eval()
         with torch.no_grad(), common.unsharded(policy), common.autocast(dist):
             seqs, cmask = M.generate(policy, ids, pmask, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                                     cfg.top_p, eos_ids=tok.stop_ids, pad_id=tok.pad_id)
+                                     cfg.top_p, eos_ids=tok.stop_ids, pad_id=tok.pad_id, generator=g)
         policy.train()
         t_gen = time.time() - t0
         P, L = ids.shape[1], seqs.shape[1] - ids.shape[1]
@@ -185,7 +194,7 @@ def main(cfg: PPOConfig):
                     scores = rm(seqs, attn)[torch.arange(len(rows), device=dist.device), last].float()
             else:
                 recs = [prompts[i] for i in idx for _ in range(cfg.group_size)]
-                fields = {k: [r.get(k) for r in recs] for k in recs[0] if k != "prompt"}
+                fields = {k: [r.get(k) for r in recs] for k in dict.fromkeys(k for r in recs for k in r) if k != "prompt"}
                 scores = torch.tensor(reward_fn([r["prompt"] for r in recs], texts, **fields),
                                       dtype=torch.float32, device=dist.device)
             raw_scores = scores.clone()
@@ -221,12 +230,14 @@ def main(cfg: PPOConfig):
                 mb = order[k * mb_size:(k + 1) * mb_size].to(dist.device)
                 s, a, m = seqs[mb], attn[mb], cmaskf[mb]
                 logps = completion_logps(policy, s, a, P, dist, cfg)
+                # "dapo": the token mean over the minibatch on all ranks (FSDP then averages over ranks)
+                n_tok = common.all_sum(m.sum().item(), dist) / dist.world
+                agg = dict(agg=cfg.loss_agg, max_len=cfg.max_new_tokens, num_tokens=n_tok)
                 pg_loss, st = losses.ppo_policy_loss(logps, old_logps[mb], advantages[mb], m, cfg.clip_eps,
-                                                     cfg.clip_eps_high or None, agg=cfg.loss_agg, max_len=cfg.max_new_tokens)
+                                                     cfg.clip_eps_high or None, **agg)
                 loss = pg_loss
                 if cfg.algo != "ppo" and ref is not None:  # GRPO's KL term, aggregated like the policy loss
-                    kl_term = losses.policy_gradient_loss(losses.kl_penalty(logps, ref_logps[mb], "k3"), m,
-                                                          cfg.loss_agg, cfg.max_new_tokens)
+                    kl_term = losses.policy_gradient_loss(losses.kl_penalty(logps, ref_logps[mb], "k3"), m, **agg)
                     loss = loss + cfg.beta * kl_term
                 loss.backward()
                 st = {k2: v.item() for k2, v in st.items()}

@@ -496,6 +496,11 @@ def test_policy_gradient_loss_aggregations():
     close(losses.policy_gradient_loss(x, mask, "dapo"), 5 / 4)
     close(losses.policy_gradient_loss(x, mask, "dr_grpo"), 5 / 6)
     close(losses.policy_gradient_loss(x, mask, "dr_grpo", max_len=10), 5 / 20)
+    # dapo over two ranks, as train_ppo.py calls it: rank 0 holds row 0 (1 token), rank 1 row 1
+    # (3 tokens); each divides by 4 tokens / 2 ranks, and averaging the ranks gives the global mean
+    # 5 / 4 where averaging per-rank means would give (2 + 1) / 2
+    per_rank = [losses.policy_gradient_loss(x[i:i + 1], mask[i:i + 1], "dapo", num_tokens=4 / 2) for i in range(2)]
+    close(sum(per_rank) / 2, 5 / 4)
     with pytest.raises(ValueError):
         losses.policy_gradient_loss(x, mask, "mean")
 

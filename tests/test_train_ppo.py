@@ -86,3 +86,39 @@ def test_generation_under_fsdp_equals_single_process(tiny, tmp_path):
     run_script(script, [policy, tmp_path / "one.pt"], tmp_path, nproc=1)
     two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
     assert torch.equal(two[0], one[0]) and torch.equal(two[1], one[1])
+
+
+def test_stop_tokens_end_completions(tiny, tmp_path):
+    policy, _ = tiny
+    letters = "abcdefghijklmnopqrstuvwxyz"  # a quarter of the random model's vocabulary: stops are frequent
+    rec = tmp_path / "rollout.pt"
+    args = ["--model", policy, "--out", "o", "--record-rollout", rec, "--stop-tokens", ",".join(letters)] + SMALL
+    run_script("train_ppo.py", args[:-len(SMALL)] + ["--max-steps", "1"] + SMALL[2:], tmp_path)
+    from data import chat
+    tok = chat.load_tokenizer(policy)
+    stops = {tok.tokenizer.token_to_id(c) for c in letters} | set(tok.stop_ids)
+    r = torch.load(rec)
+    P, lengths = r["prompt_len"], []
+    for row, m in zip(r["seqs"], r["mask"]):
+        comp = [int(t) for t, k in zip(row[P:], m) if k]
+        assert not stops & set(comp[:-1])  # a completion ends at its first stop token
+        lengths.append(len(comp))
+    assert min(lengths) < 6 and any(comp_len < 6 for comp_len in lengths)
+    with pytest.raises(AssertionError, match="not a single token"):
+        run_script("train_ppo.py", args[:-len(SMALL)] + ["--stop-tokens", "<|nope|>"] + SMALL, tmp_path)
+
+
+def test_logps_are_those_of_the_sampling_distribution(tiny, tmp_path):
+    """With --temperature 0.5 the rollout samples from softmax(logits / 0.5): old (and reference)
+    log-probs must be of that distribution, or every update is off-policy by up to a nat."""
+    policy, _ = tiny
+    rec = tmp_path / "rollout.pt"
+    run_script("train_ppo.py", ["--model", policy, "--out", "o", "--record-rollout", rec, "--temperature", "0.5",
+                                "--max-steps", "1"] + SMALL[2:], tmp_path)
+    r = torch.load(rec)
+    seqs, mask, P = r["seqs"], r["mask"], r["prompt_len"]
+    attn = torch.cat([(seqs[:, :P] != 0).long(), mask.long()], 1)
+    with torch.no_grad():
+        logits = M.from_pretrained(policy)(seqs, attn)[:, P - 1:-1] / 0.5
+    want = torch.log_softmax(logits, -1).gather(-1, seqs[:, P:, None]).squeeze(-1)
+    assert (((r["old_logps"] - want) * mask).abs().max() < 1e-5) and torch.equal(r["ref_logps"], r["old_logps"])
