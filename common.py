@@ -7,6 +7,7 @@ train_sft.py`): gloo on CPU, NCCL on GPU. With more than one process the model i
 (`fully_shard` per block, then the root); a single process trains the plain module.
 """
 import argparse
+import atexit
 import dataclasses
 import json
 import math
@@ -54,6 +55,8 @@ class TrainConfig:
     stop_after: int = 0       # checkpoint and exit after this step (time-boxed jobs); 0 = off
     resume: bool = False      # continue from the latest checkpoint in out/checkpoints
     chunk_size: int = 256     # positions per chunk for log-probs over the vocabulary ([256, V] fp32 buffer)
+    chat_format: str = ""     # chatml | llama3 | plain; empty = from the tokenizer (data/chat.py)
+    system_prompt: str = ""   # inserted when a conversation has none (e.g. Qwen2.5's default, as its template does)
 
 
 def parse_config(cls, argv=None):
@@ -104,6 +107,7 @@ def setup(cfg: TrainConfig) -> Dist:
         device = torch.device("cpu")
     if world > 1 and not torchdist.is_initialized():
         torchdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype!r}")
     # bf16 on CPUs without native bf16 is ~70x slower than fp32 (measured on the 2-core EPYC dev box),
@@ -115,6 +119,15 @@ def setup(cfg: TrainConfig) -> Dist:
         torch.set_float32_matmul_precision("high")
     torch.manual_seed(cfg.seed)
     return Dist(rank, world, device, torch.bfloat16 if bf16 else None)
+
+
+def _leave_process_group():
+    """At exit: a gloo worker thread may still be releasing the last collective's tensors, which
+    takes the GIL; if the interpreter is already finalizing, that aborts the process ("terminate
+    called without an active exception", ~1 run in 10 of a 2-process job here; pytorch issue
+    190489). Destroy the group while Python is alive and let those threads finish first."""
+    torchdist.destroy_process_group()
+    time.sleep(0.1)  # releases the GIL to any worker thread still waiting for it
 
 
 def print0(*args, **kw):

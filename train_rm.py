@@ -53,7 +53,7 @@ def main(cfg: RMConfig):
 
     # ---- data and model
     model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed)
-    tok = chat.load_tokenizer(model_dir)
+    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None)
     rm = M.from_pretrained(model_dir, head="score", seed=cfg.seed)
     rm.cfg.pad_token_id = tok.pad_id  # transformers finds the last token through pad_token_id
     if tok.pad_id in tok.stop_ids:
@@ -71,6 +71,8 @@ def main(cfg: RMConfig):
         eval_pairs, pairs = pairs[:len(pairs) // 10], pairs[len(pairs) // 10:]
     enc = [chat.tokenize_preference(ex, tok, cfg.max_length, cfg.max_prompt_length) for ex in pairs]
     evals = [chat.tokenize_preference(ex, tok, cfg.max_length, cfg.max_prompt_length) for ex in eval_pairs]
+    if cfg.use_margin and (missing := [ex.get("where", "a built-in pair") for ex in pairs if "margin" not in ex]):
+        raise formats.DataError(f"--use-margin: {len(missing)} records have no 'margin' field, e.g. {missing[0]}")
     margins = torch.tensor([float(ex.get("margin", 0.0)) for ex in pairs])
     common.print0(f"{len(enc)} training pairs, {len(evals)} held out")
 

@@ -22,6 +22,7 @@ price of an exact mask.
 """
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
@@ -62,9 +63,10 @@ def _read_json(path):
 def load_tokenizer(model_dir, chat_format=None, system_prompt=None) -> Tok:
     """tokenizer.json plus the special tokens of tokenizer_config.json / generation_config.json /
     config.json. The chat format is detected from the vocabulary unless given: <|im_start|> ->
-    chatml, <|start_header_id|> -> llama3, else plain. eos_id is tokenizer_config's eos_token (else
-    the first eos_token_id); stop_ids adds every eos_token_id and the format's end-of-turn token;
-    pad falls back to eos."""
+    chatml, <|start_header_id|> -> llama3, else plain (with a warning if the tokenizer has another
+    chat template). eos_id is tokenizer_config's eos_token (else the first eos_token_id); stop_ids
+    adds every eos_token_id and the format's end-of-turn token; bos is tokenizer_config's
+    bos_token or none; pad falls back to eos."""
     tk = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     tcfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
     gcfg = _read_json(os.path.join(model_dir, "generation_config.json"))
@@ -81,13 +83,15 @@ def load_tokenizer(model_dir, chat_format=None, system_prompt=None) -> Tok:
     eos = eos if eos is not None else (eos_list[0] if eos_list else None)
     if eos is None:
         raise ValueError(f"{model_dir}: no eos token in tokenizer_config.json, generation_config.json or config.json")
-    bos = tid("bos_token")
-    bos = bos if bos is not None else mcfg.get("bos_token_id")
+    bos = tid("bos_token")  # not config.json's bos_token_id: Qwen sets one that its tokenizer never adds
     pad = tid("pad_token")
     pad = pad if pad is not None else mcfg.get("pad_token_id")
     pad = pad if pad is not None else eos
     vocab = tk.get_vocab()
     fmt = chat_format or ("chatml" if "<|im_start|>" in vocab else "llama3" if "<|start_header_id|>" in vocab else "plain")
+    if fmt == "plain" and not chat_format and (tcfg.get("chat_template") or os.path.exists(os.path.join(model_dir, "chat_template.jinja"))):
+        warnings.warn(f"{model_dir}: the tokenizer's chat template is neither ChatML nor Llama-3; rendering chats in the "
+                      "plain 'User: ... Assistant: ...' format (pass --chat-format plain to silence this)")
     stops = list(dict.fromkeys([eos] + eos_list))
     if fmt not in ("chatml", "llama3", "plain"):
         raise ValueError(f"chat_format {fmt!r}: expected chatml, llama3 or plain")
@@ -141,9 +145,10 @@ def render_chat(messages, tok: Tok, add_generation_prompt=False):
 
 
 def tokenize_sft(example, tok: Tok, max_length, train_on_prompt=False):
-    """{"input_ids", "loss_mask"} of an SFT example: {"messages"}, {"prompt", "completion"} (a user
-    then an assistant turn; strings or message lists) or {"text"} (bos + text + eos, all trained).
-    loss_mask is per token (1 = learn this token); the shift to labels happens in batching.py.
+    """{"input_ids", "loss_mask"} of an SFT example: {"messages"} (every assistant turn is
+    learned), {"prompt", "completion"} (message lists: only the completion is learned) or {"text"}
+    (bos + text + eos, all learned). loss_mask is per token (1 = learn this token); the shift to
+    labels happens in batching.py.
 
     Truncation: the end is cut to max_length tokens (the start of a conversation is kept, as in
     TRL). An example left with no trainable token raises DataError (never skipped silently): raise
@@ -151,25 +156,37 @@ def tokenize_sft(example, tok: Tok, max_length, train_on_prompt=False):
     if "text" in example:
         ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(example["text"]) + [tok.eos_id]
         mask = [1] * len(ids)
+    elif "messages" in example:
+        ids, mask = render_chat(example["messages"], tok)
     else:
-        msgs = example.get("messages") or \
-            as_messages(example["prompt"], "user") + as_messages(example["completion"], "assistant")
-        ids, mask = render_chat(msgs, tok)
-        if train_on_prompt:
-            mask = [1] * len(ids)
+        prompt = as_messages(example["prompt"], "user")
+        ids, mask = render_chat(prompt + as_messages(example["completion"], "assistant"), tok)
+        n = len(render_chat(prompt, tok, add_generation_prompt=True)[0])
+        mask = [0] * n + mask[n:]  # assistant turns inside the prompt are context, not targets
+    if train_on_prompt:
+        mask = [1] * len(ids)
     ids, mask = ids[:max_length], mask[:max_length]
     if not any(mask):
-        raise DataError(f"example {str(example)[:120]}...: no trainable token left after truncation to "
+        raise DataError(f"{example.get('where', 'an example')}: no trainable token left after truncation to "
                         f"max_length={max_length}")
     return {"input_ids": ids, "loss_mask": mask}
+
+
+def _keep_end(ids, n, tok: Tok):
+    """The last n tokens of a prompt, keeping its leading BOS (Llama's <|begin_of_text|>) if cut."""
+    if n <= 0:
+        raise ValueError(f"max_prompt_length must be positive, got {n}")
+    if len(ids) <= n:
+        return ids
+    return ids[:1] + ids[len(ids) - n + 1:] if tok.bos_id is not None and ids[0] == tok.bos_id else ids[-n:]
 
 
 def tokenize_prompt(example, tok: Tok, max_prompt_length):
     """Prompt ids (a string is one user turn) ending with the assistant generation prompt, for
     RL and generation; if longer than max_prompt_length the start is cut (the end holds the
-    question and the generation prompt)."""
+    question and the generation prompt) and the BOS kept."""
     ids, _ = render_chat(as_messages(example["prompt"], "user"), tok, add_generation_prompt=True)
-    return ids[-max_prompt_length:]
+    return _keep_end(ids, max_prompt_length, tok)
 
 
 def _completion(prompt_msgs, completion, tok):
@@ -186,14 +203,16 @@ def tokenize_preference(example, tok: Tok, max_length, max_prompt_length):
     """{"prompt_ids", "chosen_ids", "rejected_ids"}; completions end with the end-of-turn token.
 
     Truncation (TRL's rule): if prompt + longer completion exceeds max_length, the prompt keeps
-    its last max_prompt_length tokens, then both completions are cut to max_length - len(prompt)."""
+    its last max_prompt_length tokens (and its BOS), then both completions are cut to
+    max_length - len(prompt)."""
     prompt_msgs = as_messages(example["prompt"], "user")
     prompt, _ = render_chat(prompt_msgs, tok, add_generation_prompt=True)
     chosen, rejected = _completion(prompt_msgs, example["chosen"], tok), _completion(prompt_msgs, example["rejected"], tok)
     if len(prompt) + max(len(chosen), len(rejected)) > max_length:
-        prompt = prompt[-max_prompt_length:]
+        prompt = _keep_end(prompt, max_prompt_length, tok)
         keep = max_length - len(prompt)
         if keep <= 0:
-            raise DataError(f"max_prompt_length={max_prompt_length} leaves no room for completions in max_length={max_length}")
+            raise DataError(f"{example.get('where', 'an example')}: a prompt of {len(prompt)} tokens leaves no room "
+                            f"for the answers in max_length={max_length} (max_prompt_length={max_prompt_length})")
         chosen, rejected = chosen[:keep], rejected[:keep]
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}

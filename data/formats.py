@@ -70,10 +70,18 @@ def _check_messages(msgs, where):
 
 
 def _completion(rec, key, where):
-    """A completion (string, or messages with at least one assistant turn to learn from)."""
+    """A completion: a string, or messages ending with the assistant turn to learn from."""
     v = _field(rec, key, where)
-    if isinstance(v, list) and not any(m["role"] == "assistant" for m in v):
-        raise DataError(f"{where}: field {key!r}: no assistant message to train on")
+    if isinstance(v, list) and v[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field {key!r}: the last message must be the assistant's, got {v[-1]['role']!r}")
+    return v
+
+
+def _prompt(rec, where):
+    """A prompt: a string, or messages that the completion can follow (not ending with the assistant)."""
+    v = _field(rec, "prompt", where)
+    if isinstance(v, list) and v[-1]["role"] == "assistant":
+        raise DataError(f"{where}: field 'prompt': ends with an assistant message; the answer must follow a user turn")
     return v
 
 
@@ -83,7 +91,8 @@ def as_messages(x, role):
 
 
 def load_sft(path):
-    """SFT examples as {"messages": [...]} (prompt/completion become user/assistant) or {"text"}."""
+    """SFT examples: {"messages": [...]} (learn every assistant turn), {"prompt", "completion"}
+    (message lists; learn the completion only) or {"text"}; each with "where" (file:line)."""
     out = []
     for n, rec in numbered_jsonl(path):
         where = f"{path}:{n}"
@@ -91,25 +100,27 @@ def load_sft(path):
             msgs = _field(rec, "messages", where, (list,))
             if not any(m["role"] == "assistant" for m in msgs):
                 raise DataError(f"{where}: field 'messages': no assistant message to train on")
-            out.append({"messages": msgs})
+            out.append({"messages": msgs, "where": where})
         elif "text" in rec:
-            out.append({"text": _field(rec, "text", where, (str,))})
+            out.append({"text": _field(rec, "text", where, (str,)), "where": where})
         elif "prompt" in rec or "completion" in rec:
-            prompt, completion = _field(rec, "prompt", where), _completion(rec, "completion", where)
-            out.append({"messages": as_messages(prompt, "user") + as_messages(completion, "assistant")})
+            prompt, completion = _prompt(rec, where), _completion(rec, "completion", where)
+            out.append({"prompt": as_messages(prompt, "user"), "completion": as_messages(completion, "assistant"),
+                        "where": where})
         else:
             raise DataError(f"{where}: expected field 'messages', 'text' or 'prompt'+'completion'; found {sorted(rec)}")
     return out
 
 
 def load_preference(path):
-    """Pairs as {"prompt": [messages], "chosen": [messages], "rejected": [messages], ...extras}."""
+    """Pairs as {"prompt": [messages], "chosen": [messages], "rejected": [messages], "where",
+    ...extra fields}; an optional "margin" (train_rm.py --use-margin) must be a number."""
     out = []
     for n, rec in numbered_jsonl(path):
         where = f"{path}:{n}"
         chosen, rejected = _completion(rec, "chosen", where), _completion(rec, "rejected", where)
         if "prompt" in rec:
-            prompt = as_messages(_field(rec, "prompt", where), "user")
+            prompt = as_messages(_prompt(rec, where), "user")
             chosen, rejected = as_messages(chosen, "assistant"), as_messages(rejected, "assistant")
         else:  # implicit prompt: two whole conversations sharing their first turns
             if not (isinstance(chosen, list) and isinstance(rejected, list)):
@@ -120,19 +131,24 @@ def load_preference(path):
             if k == 0 or k == len(chosen) or k == len(rejected):
                 raise DataError(f"{where}: 'chosen' and 'rejected' share no prompt prefix, or one contains the other")
             prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+            if prompt[-1]["role"] == "assistant":
+                raise DataError(f"{where}: 'chosen' and 'rejected' first differ at a {chosen[0]['role']} message; "
+                                "they must share every message before the answers")
+        if "margin" in rec and (isinstance(rec["margin"], bool) or not isinstance(rec["margin"], (int, float))):
+            raise DataError(f"{where}: field 'margin': expected a number, got {type(rec['margin']).__name__}")
         extras = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **extras})
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **extras, "where": where})
     return out
 
 
 def load_unpaired(path):
-    """KTO examples as {"prompt": [messages], "completion": [messages], "label": bool}."""
+    """KTO examples as {"prompt": [messages], "completion": [messages], "label": bool, "where"}."""
     out = []
     for n, rec in numbered_jsonl(path):
         where = f"{path}:{n}"
-        out.append({"prompt": as_messages(_field(rec, "prompt", where), "user"),
+        out.append({"prompt": as_messages(_prompt(rec, where), "user"),
                     "completion": as_messages(_completion(rec, "completion", where), "assistant"),
-                    "label": _field(rec, "label", where, (bool,))})
+                    "label": _field(rec, "label", where, (bool,)), "where": where})
     return out
 
 

@@ -31,10 +31,11 @@ def _number(s):
 
 
 def gsm8k_reward(prompts, completions, answer, **_):
-    """1.0 when the last number in the completion equals the reference answer, else 0.0."""
+    """1.0 when the completion's final answer equals the reference, else 0.0. The final answer is
+    the first number after the last "####" (the format of the SFT data), or else the last number."""
     out = []
     for c, a in zip(completions, answer, strict=True):
-        nums = NUMBER.findall(c)
+        nums = NUMBER.findall(c.rsplit("####", 1)[1])[:1] if "####" in c else NUMBER.findall(c)
         got, want = (_number(nums[-1]) if nums else None), _number(str(a))
         out.append(float(got is not None and want is not None and abs(got - want) < 1e-6))
     return out

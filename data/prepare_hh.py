@@ -10,6 +10,7 @@ Records that cannot be parsed (e.g. the dialogues differ before the last turn) a
 their line numbers printed to stderr; nothing is dropped without a trace.
 """
 import json
+import os
 import re
 import sys
 
@@ -50,6 +51,7 @@ def main(src, dst):
         except ValueError as e:
             skipped.append(n)
             print(f"{src}:{n}: skipped: {e}", file=sys.stderr)
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     with open(dst, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in out)
     print(f"{src}: {len(out)} pairs written to {dst}, {len(skipped)} records skipped")

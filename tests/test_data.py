@@ -153,13 +153,37 @@ def test_preference_truncation_rule(tmp_path):
     full = chat.tokenize_preference(ex, tok, 1000, 1000)
     P, C, R = (len(full[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
     assert (C, R) == (31, 11)  # completion + eos
-    t = chat.tokenize_preference(ex, tok, 60, 20)  # P + C > 60: prompt keeps its last 20, completions cut to 40
-    assert t["prompt_ids"] == full["prompt_ids"][-20:]
+    t = chat.tokenize_preference(ex, tok, 60, 20)  # P + C > 60: prompt keeps 20 (bos + last 19), completions cut to 40
+    assert full["prompt_ids"][0] == tok.bos_id and t["prompt_ids"] == full["prompt_ids"][:1] + full["prompt_ids"][-19:]
     assert t["chosen_ids"] == full["chosen_ids"] and t["rejected_ids"] == full["rejected_ids"]
     t = chat.tokenize_preference(ex, tok, 40, 20)
     assert t["chosen_ids"] == full["chosen_ids"][:20] and t["rejected_ids"] == full["rejected_ids"]
     same = chat.tokenize_preference(ex, tok, P + C, 5)  # fits: nothing is cut
     assert same == full
+
+
+def test_rl_prompt_truncation_keeps_bos(tmp_path):
+    tok = make_tok("plain", tmp_path)
+    full = chat.tokenize_prompt({"prompt": "x" * 40}, tok, 1000)
+    assert chat.tokenize_prompt({"prompt": "x" * 40}, tok, 10) == full[:1] + full[-9:] and full[0] == tok.bos_id
+    with pytest.raises(ValueError, match="must be positive"):
+        chat.tokenize_prompt({"prompt": "x"}, tok, 0)  # ids[-0:] would silently keep everything
+
+
+def test_prompt_completion_learns_the_completion_only(tmp_path):
+    """TRL's prompt-completion form: assistant turns inside the prompt are context, not targets."""
+    tok = make_tok("chatml", tmp_path)
+    p = tmp_path / "d.jsonl"
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "EARLIER"}, {"role": "user", "content": "And?"}]
+    p.write_text(json.dumps({"prompt": prompt, "completion": [{"role": "assistant", "content": "Now"}]}) + "\n")
+    (ex,) = formats.load_sft(p)
+    e = chat.tokenize_sft(ex, tok, 100)
+    learned = tok.tokenizer.decode([t for t, m in zip(e["input_ids"], e["loss_mask"]) if m], skip_special_tokens=False)
+    assert learned == "Now<|im_end|>"
+    conv = chat.tokenize_sft({"messages": prompt + [{"role": "assistant", "content": "Now"}]}, tok, 100)
+    assert conv["input_ids"] == e["input_ids"] and sum(conv["loss_mask"]) > sum(e["loss_mask"])  # messages: every turn
+    with pytest.raises(formats.DataError, match=f"{p}:1: no trainable token"):  # errors name the record's line
+        chat.tokenize_sft(ex, tok, 5)
 
 
 def test_collate_preference_rows_and_masks(tmp_path):
@@ -241,7 +265,14 @@ def test_malformed_sft_names_file_line_field(tmp_path, line, field):
     ('{"prompt": "a", "chosen": 5, "rejected": "c"}', "field 'chosen': expected a string or a list of messages, got int"),
     ('{"prompt": [{"role": "bot", "content": "x"}], "chosen": "b", "rejected": "c"}',
      "field 'prompt': message 0: role 'bot' is not one of system/user/assistant"),
-    ('{"prompt": "a", "chosen": [{"role": "user", "content": "x"}], "rejected": "c"}', "field 'chosen': no assistant message"),
+    ('{"prompt": "a", "chosen": [{"role": "user", "content": "x"}], "rejected": "c"}',
+     "field 'chosen': the last message must be the assistant's, got 'user'"),
+    ('{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"}',
+     "field 'prompt': ends with an assistant message"),
+    ('{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "x"},'
+     ' {"role": "assistant", "content": "b"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},'
+     ' {"role": "user", "content": "y"}, {"role": "assistant", "content": "c"}]}', "first differ at a user message"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}', "field 'margin': expected a number, got str"),
     ('{"prompt": "a", "chosen": "b", "rejected": "c"', "invalid JSON"),
 ])
 def test_malformed_preference_names_file_line_field(tmp_path, line, error):
@@ -342,6 +373,8 @@ def test_gsm8k_reward_and_prepare(tmp_path):
     r = prepare_gsm8k.gsm8k_reward
     assert r(["q"] * 4, ["so 1,234 apples", "It is 5.0", "7 then 8", "none"], answer=["1234", "5", "7", "3"]) == [1.0, 1.0, 0.0, 0.0]
     assert r(["q"] * 3, ["She makes $18.", "#### -3", "2.5 kg"], answer=["18.0", "-3", "2,5"]) == [1.0, 1.0, 0.0]
+    # the marked final answer wins over numbers written after it
+    assert r(["q"] * 2, ["#### 72\nfor the 3 apples", "#### 3 then 72"], answer=["72", "72"]) == [1.0, 0.0]
     src = tmp_path / "g.jsonl.gz"
     with gzip.open(src, "wt") as f:
         f.write(json.dumps({"question": "2*3?", "answer": "2*3=<<2*3=6>>6\n#### 6"}) + "\n")
@@ -357,7 +390,7 @@ def test_prepare_gsm8k_on_real_data(tmp_path):
     prepare_gsm8k.main(src, str(tmp_path))
     sft, rl = formats.load_sft(tmp_path / "sft.jsonl"), formats.load_prompts(tmp_path / "rl.jsonl")
     assert len(sft) == len(rl) == 1319
-    completions = [e["messages"][1]["content"] for e in sft]
+    completions = [e["completion"][0]["content"] for e in sft]
     assert not any("<<" in c or ">>" in c for c in completions)
     # the reference solutions earn full reward against the extracted answers
     assert prepare_gsm8k.gsm8k_reward([r["prompt"] for r in rl], completions, [r["answer"] for r in rl]) == [1.0] * len(rl)
