@@ -343,8 +343,10 @@ class Logger:
             os.makedirs(cfg.out, exist_ok=True)
             path = os.path.join(cfg.out, "metrics.jsonl")
             # a fresh run starts a fresh file; a resumed one drops what was logged after its checkpoint
-            kept = [line for line in open(path) if json.loads(line)["step"] <= start_step] \
-                if start_step and os.path.exists(path) else []
+            kept = []
+            if start_step and os.path.exists(path):
+                with open(path) as f:
+                    kept = [line for line in f if json.loads(line)["step"] <= start_step]
             self.file = open(path, "w")
             self.file.writelines(kept)
             with open(os.path.join(cfg.out, "config.json"), "w") as f:

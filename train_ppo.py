@@ -194,7 +194,8 @@ def main(cfg: PPOConfig):
                     scores = rm(seqs, attn)[torch.arange(len(rows), device=dist.device), last].float()
             else:
                 recs = [prompts[i] for i in idx for _ in range(cfg.group_size)]
-                fields = {k: [r.get(k) for r in recs] for k in dict.fromkeys(k for r in recs for k in r) if k != "prompt"}
+                keys = dict.fromkeys(k for r in recs for k in r if k != "prompt")  # every record's extra fields
+                fields = {k: [r.get(k) for r in recs] for k in keys}
                 scores = torch.tensor(reward_fn([r["prompt"] for r in recs], texts, **fields),
                                       dtype=torch.float32, device=dist.device)
             raw_scores = scores.clone()
