@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
-from data import batching  # noqa: E402
+import train_dpo  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--layers", type=int, default=4)
@@ -59,13 +59,13 @@ ref.load_state_dict(policy.state_dict())
 ref.requires_grad_(False).eval()
 
 T = a.prompt_len + a.resp_len
-collate = batching.collate_preference if a.no_share_prompt else batching.collate_preference_shared
+layout = train_dpo.DPOConfig(share_prompt=not a.no_share_prompt)  # train_dpo.py's row layout
 batches = []
 for _ in range(a.steps):  # the same prompt for chosen and rejected, as TRL's bench
     prompt = torch.randint(4, V, (a.batch, a.prompt_len)).tolist()
     resp = torch.randint(4, V, (2 * a.batch, a.resp_len)).tolist()
-    batches.append(collate([{"prompt_ids": prompt[i], "chosen_ids": resp[i], "rejected_ids": resp[a.batch + i]}
-                            for i in range(a.batch)], pad_id=0))
+    batches.append(train_dpo.collate([{"prompt_ids": prompt[i], "chosen_ids": resp[i], "rejected_ids": resp[a.batch + i]}
+                                      for i in range(a.batch)], 0, layout))
 dist = common.Dist(rank=0, world=1, device=torch.device("cpu"), autocast_dtype=None)
 opt = common.make_optimizer(policy, common.TrainConfig(lr=1e-4), dist)  # train_dpo.py's AdamW
 
