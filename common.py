@@ -9,6 +9,9 @@ train_sft.py`): gloo on CPU, NCCL on GPU. With more than one process the model i
 import argparse
 import atexit
 import dataclasses
+import errno
+import inspect
+import io
 import json
 import math
 import os
@@ -16,11 +19,13 @@ import shutil
 import signal
 import sys
 import time
+import tokenize
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torchdist
+from safetensors.torch import load_file, save_file
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -40,37 +45,85 @@ class TrainConfig:
     max_steps: int = 200      # optimizer steps
     batch_size: int = 16      # sequences per micro-batch per process
     grad_accum: int = 1       # micro-batches per optimizer step
-    lr: float = 1e-3
+    lr: float = 1e-3          # peak learning rate, reached after warmup
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
+    warmup_steps: int = 10    # linear warmup from 0 to lr over N steps
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (matrices only)
     grad_clip: float = 1.0    # max global grad norm; 0 = off
     max_length: int = 512     # tokens per sequence (longer examples are truncated, see data/)
-    seed: int = 0
+    seed: int = 0             # model init, data order and sampling
     dtype: str = "auto"       # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     grad_ckpt: bool = False   # activation checkpointing per block
-    log_every: int = 10
-    eval_every: int = 100     # 0 = only at the end
+    log_every: int = 10       # progress line and metrics.jsonl every N steps
+    eval_every: int = 100     # evaluate every N steps; 0 = only at the end
     save_every: int = 0       # sharded checkpoint every N steps; 0 = only on SIGTERM
     stop_after: int = 0       # checkpoint and exit after this step (time-boxed jobs); 0 = off
     resume: bool = False      # continue from the latest checkpoint in out/checkpoints
+    overwrite: bool = False   # start afresh in an --out that holds another run (deletes its checkpoints and model)
     chunk_size: int = 256     # positions per chunk for log-probs over the vocabulary ([256, V] fp32 buffer)
     chat_format: str = ""     # chatml | llama3 | plain; empty = from the tokenizer (data/chat.py)
     system_prompt: str = ""   # inserted when a conversation has none (e.g. Qwen2.5's default, as its template does)
 
+    # Allowed values of the numeric flags as intervals; a numeric flag not listed must be >= 0.
+    # Scripts extend it: RANGES = {**common.TrainConfig.RANGES, "beta": "(0, inf)"}.
+    RANGES = {"max_steps": "[1, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "lr": "(0, inf)",
+              "min_lr_ratio": "[0, 1]", "max_length": "[1, inf)", "log_every": "[1, inf)", "chunk_size": "[1, inf)"}
+
 
 def parse_config(cls, argv=None):
-    """Build a dataclass from `--field-name value` flags; `--help` lists every field and default."""
+    """Build a dataclass from `--field-name value` flags, each checked against cls.RANGES; `--help`
+    lists every field with its default and the comment that follows it in the class."""
     p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
+        about = comments.get(f.name, "").replace("%", "%%")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=f.default, metavar="BOOL")
+            p.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=f.default, metavar="BOOL",
+                           help=f"{about} (default: %(default)s)")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default)
-    return cls(**vars(p.parse_args(argv)))
+            rng = f"in {_range(cls, f.name)}; " if typ in (int, float) else ""
+            p.add_argument(flag, type=typ, default=f.default, help=f"{about} ({rng}default: %(default)r)")
+    cfg = cls(**vars(p.parse_args(argv)))
+    for f in dataclasses.fields(cls):
+        v = getattr(cfg, f.name)
+        if type(v) in (int, float) and not _in_range(v, _range(cls, f.name)):
+            p.error(f"--{f.name.replace('_', '-')} {v}: expected a value in {_range(cls, f.name)}")
+    return cfg
+
+
+def _range(cls, name):
+    return getattr(cls, "RANGES", {}).get(name, "[0, inf)")
+
+
+def _in_range(v, interval):
+    """v in an interval written "[lo, hi)", "(0, 1]"...; inf bounds are open; NaN is never in."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return math.isfinite(v) and (lo <= v if interval[0] == "[" else lo < v) and (v <= hi if interval[-1] == "]" else v < hi)
+
+
+def _field_comments(cls):
+    """{field: the comment on its line} over the class and its bases (a subclass's own comment
+    wins): the one-line descriptions of --help, kept where a reader of the code sees them."""
+    out = {}
+    for c in reversed(cls.__mro__):
+        try:
+            src = inspect.getsource(c)
+        except (OSError, TypeError):  # builtins, or classes defined where no source is kept
+            continue
+        line_start = None
+        for t in tokenize.generate_tokens(io.StringIO(src).readline):
+            if t.type == tokenize.NAME and line_start is None:
+                line_start = t
+            elif t.type == tokenize.COMMENT and line_start is not None and line_start.start[0] == t.start[0]:
+                out[line_start.string] = t.string.lstrip("#").strip()
+            if t.type in (tokenize.NEWLINE, tokenize.NL):
+                line_start = None
+            elif line_start is None:
+                line_start = False  # this logical line starts with something else
+    return out
 
 
 def _parse_bool(s):
@@ -110,6 +163,7 @@ def setup(cfg: TrainConfig) -> Dist:
         atexit.register(_leave_process_group)
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype!r}")
+    check_out(cfg)
     # bf16 on CPUs without native bf16 is ~70x slower than fp32 (measured on the 2-core EPYC dev box),
     # so "auto" means fp32 there.
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
@@ -213,31 +267,135 @@ def lr_at(step, cfg: TrainConfig):
 
 
 def optimizer_step(model, opt, step, cfg: TrainConfig):
-    """Set this step's lr, clip, step, zero. Returns the global grad norm (before clipping).
-    clip_grad_norm_ on FSDP2's DTensor gradients reduces the norm over all shards."""
+    """Set this step's lr, clip, step, zero. Returns the global grad norm (before clipping)."""
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
+    norm = clip_grad_norm(model, cfg.grad_clip, step)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def clip_grad_norm(model, max_norm, step, what="grad_norm"):
+    """Clip the gradients to a global norm (max_norm 0 = off) and return the norm before clipping,
+    having stopped the run if it is not finite: the optimizer must never apply a NaN/inf gradient
+    (AdamW would write NaN into every weight it touches, and the next checkpoint would keep them).
+    clip_grad_norm_ on FSDP2's DTensor gradients reduces the norm over all shards, so every rank
+    sees the same norm and stops together."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    check_finite(norm.item(), step, what)
     return norm.item()
 
 
-def check_finite(loss: float, step: int):
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"step {step}: loss is {loss}; stopping (lower --lr, check the data, or --dtype fp32)")
+def check_finite(value: float, step: int, what="loss"):
+    """Stop on a NaN/inf `value` (a loss or grad norm summed over ranks: every rank stops) at loop
+    index `step`, named as metrics.jsonl numbers it (step + 1)."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"step {step + 1}: {what} is {value}; stopping before the optimizer step "
+                                 "(lower --lr, check the data, or use --dtype fp32; --resume continues from the last "
+                                 "checkpoint, whose weights are finite)")
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def latest_checkpoint(out):
+# Fields that may differ between a run and its --resume: where and how often it reports and saves,
+# not what it computes. --max-steps may grow (checked in check_out).
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "stop_after", "save_every", "log_every", "eval_every",
+                     "eval_samples", "record_rollout")
+
+
+def check_out(cfg: TrainConfig):
+    """Runs never mix in one --out (read-only; every rank checks, before anything is loaded). A
+    fresh run refuses a directory holding another run's checkpoints or model unless --overwrite
+    (Logger deletes them once the inputs have been validated); --resume refuses a checkpoint whose
+    saved config differs from this run's in a field that defines the run, and names the field."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
+    ckpt = latest_checkpoint(cfg.out, quiet=True) if cfg.resume else None
+    if ckpt is None:
+        found = [n for n in ("checkpoints", "model") if os.path.exists(os.path.join(cfg.out, n))]
+        if found and not cfg.overwrite and (latest_checkpoint(cfg.out, quiet=True) or "model" in found):
+            how = "it has no checkpoint to resume from" if cfg.resume else "continue it with --resume"
+            raise FileExistsError(f"{cfg.out} holds another run ({' and '.join(n + '/' for n in found)}): {how}; "
+                                  "start afresh with --overwrite (deletes them), or choose another --out")
+        return
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
+    saved, mine = state.get("config", {}), dataclasses.asdict(cfg)
+    if cfg.max_steps < state["step"]:
+        raise ValueError(f"--resume: {ckpt} is at step {state['step']}, past --max-steps {cfg.max_steps}")
+    for k in sorted(set(saved) | set(mine)):
+        if k not in RESUME_MAY_CHANGE and k != "max_steps" and saved.get(k, "(not set)") != mine.get(k, "(not set)"):
+            raise ValueError(f"--resume: {ckpt} belongs to a run with --{k.replace('_', '-')} "
+                             f"{saved.get(k, '(not set)')!r}; this one has {mine.get(k, '(not set)')!r}. Pass the same "
+                             "value to continue it, or start afresh with --overwrite or another --out")
+
+
+def latest_checkpoint(out, quiet=False):
+    """The newest complete, readable checkpoint in out/checkpoints (None if there is none); says
+    which newer ones it skips and why, unless quiet."""
     d = os.path.join(out, "checkpoints")
     steps = [int(n.removeprefix("step_")) for n in os.listdir(d) if n.startswith("step_") and n[5:].isdigit()] \
         if os.path.isdir(d) else []
-    return os.path.join(d, f"step_{max(steps):08d}") if steps else None
+    for step in sorted(steps, reverse=True):
+        path = os.path.join(d, f"step_{step:08d}")
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            return path
+        if not quiet:
+            print0(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+def _checkpoint_problem(path):
+    """Why the checkpoint at `path` cannot be resumed from (None if it can), without loading it:
+    state.json, every rank's RNG file, and every shard as long as DCP's metadata says it is.
+    (The metadata file is a pickle of torch's: reading it is what dcp.load does too.)"""
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        world = int(state["world"])
+        for r in range(world):
+            with open(os.path.join(path, f"rng_rank{r}.safetensors"), "rb") as f:
+                header = int.from_bytes(f.read(8), "little")
+                json.loads(f.read(header))
+        sizes = {}
+        for info in dcp.FileSystemReader(path).read_metadata().storage_data.values():
+            sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+        for name, size in sizes.items():
+            if os.path.getsize(os.path.join(path, name)) < size:
+                return f"{name} is truncated ({os.path.getsize(os.path.join(path, name))} of {size} bytes)"
+    except Exception as e:  # any unreadable piece makes the checkpoint unusable; say which
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@contextmanager
+def writing(path):
+    """A full disk, however the writer reports it (OSError, or wrapped by safetensors, DCP or
+    torch's zip writer: "unexpected pos"), becomes one error that names `path`."""
+    try:
+        yield
+    except Exception as e:
+        text = str(e)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text or "os error 28" in text \
+                or "unexpected pos" in text:
+            raise OSError(errno.ENOSPC, f"no space left on device: {path} (free some space, or write to another "
+                                        "--out; --resume continues from the last complete checkpoint)") from e
+        raise
+
+
+def assert_finite_weights(models, step, dist: Dist):
+    """Refuse to save non-finite weights (all ranks together: each checks its shards)."""
+    bad = [n for m in models for n, p in m.named_parameters()
+           if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    if all_sum(len(bad), dist):
+        where = f" ({bad[0]} and {len(bad) - 1} more on rank {dist.rank})" if bad else ""
+        raise FloatingPointError(f"after step {step}: the weights are not finite{where}; nothing saved "
+                                 "(lower --lr; --resume continues from the last checkpoint)")
 
 
 def save_checkpoint(out, step, dist: Dist, parts: dict, extra=None):
@@ -246,20 +404,23 @@ def save_checkpoint(out, step, dist: Dist, parts: dict, extra=None):
     the step, each rank's RNG state and the script's `extra` (JSON)."""
     final = os.path.join(out, "checkpoints", f"step_{step:08d}")
     tmp = final + ".tmp"
-    if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier(dist)
-    state = {}
-    for name, (model, opt) in parts.items():
-        msd, osd = get_state_dict(model, opt)
-        state[name] = {"model": msd, "optim": osd}
-    dcp.save(state, checkpoint_id=tmp)
-    torch.save({"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               os.path.join(tmp, f"rng_rank{dist.rank}.pt"))
-    if dist.main:
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "world": dist.world, **(extra or {})}, f)
+    assert_finite_weights([model for model, _ in parts.values()], step, dist)
+    with writing(tmp):
+        if dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier(dist)
+        state = {}
+        for name, (model, opt) in parts.items():
+            msd, osd = get_state_dict(model, opt)
+            state[name] = {"model": msd, "optim": osd}
+        dcp.save(state, checkpoint_id=tmp)
+        # RNG state as plain tensors (safetensors): nothing in a checkpoint of ours is a pickle
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+        save_file(rng, os.path.join(tmp, f"rng_rank{dist.rank}.safetensors"))
+        if dist.main:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({"step": step, "world": dist.world, **(extra or {})}, f)
     barrier(dist)
     if dist.main:
         shutil.rmtree(final, ignore_errors=True)
@@ -277,15 +438,18 @@ def load_checkpoint(path, dist: Dist, parts: dict) -> dict:
     for name, (model, opt) in parts.items():
         msd, osd = get_state_dict(model, opt)
         sd[name] = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=path)
+    try:
+        dcp.load(sd, checkpoint_id=path)
+    except Exception as e:
+        raise RuntimeError(f"{path}: checkpoint cannot be read ({str(e).strip().splitlines()[0]}); delete this "
+                           "directory to resume from the checkpoint before it, or start afresh with --overwrite") from e
     for name, (model, opt) in parts.items():
         set_state_dict(model, opt, model_state_dict=sd[name]["model"], optim_state_dict=sd[name]["optim"])
-    rng_file = os.path.join(path, f"rng_rank{dist.rank}.pt")
-    if state["world"] == dist.world and os.path.exists(rng_file):
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["rng"])
-        if rng["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda_rng"])
+    if state["world"] == dist.world:
+        rng = load_file(os.path.join(path, f"rng_rank{dist.rank}.safetensors"))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     return state
 
 
@@ -294,7 +458,7 @@ def checkpoint_or_stop(done, cfg: TrainConfig, dist: Dist, preempt, parts: dict)
     --stop-after. True means the run must exit now (and continue later with --resume)."""
     stop = preempt.requested(dist) or done == cfg.stop_after
     if (cfg.save_every and done % cfg.save_every == 0) or stop:
-        save_checkpoint(cfg.out, done, dist, parts)
+        save_checkpoint(cfg.out, done, dist, parts, {"config": dataclasses.asdict(cfg)})
     if stop:
         print0(f"stopping after step {done} with a checkpoint; continue with --resume")
     return stop
@@ -302,9 +466,11 @@ def checkpoint_or_stop(done, cfg: TrainConfig, dist: Dist, preempt, parts: dict)
 
 def save_final(model, cfg: TrainConfig, dist: Dist, tokenizer_dir):
     """The finished model as an HF directory in out/model, gathered from the shards on rank 0."""
+    assert_finite_weights([model], cfg.max_steps, dist)
     sd = full_state_dict(model, dist)
     if dist.main:
-        path = M.save_pretrained(model, os.path.join(cfg.out, "model"), state_dict=sd, tokenizer_dir=tokenizer_dir)
+        with writing(os.path.join(cfg.out, "model")):
+            path = M.save_pretrained(model, os.path.join(cfg.out, "model"), state_dict=sd, tokenizer_dir=tokenizer_dir)
         print0(f"saved {path}")
     barrier(dist)
 
@@ -331,6 +497,37 @@ class Preemption:
 
 # ----------------------------------------------------------------------------- logging
 
+def start_out(cfg: TrainConfig, start_step):
+    """Prepare --out for this run and return the metrics.jsonl lines it keeps. A fresh run with
+    --overwrite deletes the previous run's files (only those nanotrl writes); config.json, the
+    run's identity, is written atomically. A resumed run keeps the lines logged up to its
+    checkpoint; a partial last line (a run killed mid-write) is dropped."""
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.overwrite and not start_step:
+        for name in ("checkpoints", "model"):
+            shutil.rmtree(os.path.join(cfg.out, name), ignore_errors=True)
+    tmp = os.path.join(cfg.out, f".config.json.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    os.replace(tmp, os.path.join(cfg.out, "config.json"))
+    path, kept = os.path.join(cfg.out, "metrics.jsonl"), []
+    if start_step and os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+        for n, line in enumerate(lines, 1):
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                if n < len(lines):
+                    raise ValueError(f"{path}:{n}: not a metrics record (JSON object with a 'step'); delete the "
+                                     "line, or the file, to resume") from None
+                print0(f"{path}:{n}: dropping a partial last line (the run was stopped while writing it)")
+                continue
+            if step <= start_step:
+                kept.append(line)
+    return kept
+
+
 class Logger:
     """Progress lines (step, metrics, tokens/s, ETA) and metrics.jsonl (one JSON object per line with
     a "step" field). Does nothing off rank 0."""
@@ -339,18 +536,13 @@ class Logger:
         self.main, self.max_steps, self.start_step = dist.main, cfg.max_steps, start_step
         self.start = self.tick = time.time()
         self.file = None
-        if self.main:
-            os.makedirs(cfg.out, exist_ok=True)
-            path = os.path.join(cfg.out, "metrics.jsonl")
-            # a fresh run starts a fresh file; a resumed one drops what was logged after its checkpoint
-            kept = []
-            if start_step and os.path.exists(path):
-                with open(path) as f:
-                    kept = [line for line in f if json.loads(line)["step"] <= start_step]
-            self.file = open(path, "w")
-            self.file.writelines(kept)
-            with open(os.path.join(cfg.out, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
+        if self.main:  # the first bytes of the run written to --out: every input is validated by now
+            self.path = os.path.join(cfg.out, "metrics.jsonl")
+            with writing(cfg.out):
+                kept = start_out(cfg, start_step)
+                self.file = open(self.path, "w")
+                self.file.writelines(kept)
+                self.file.flush()
 
     def log(self, step, metrics: dict, tokens=0):
         """`tokens`: tokens processed by all ranks since the last call that passed tokens."""
@@ -361,8 +553,9 @@ class Logger:
         if tokens:
             record["tokens_per_s"] = round(tokens / max(now - self.tick, 1e-9), 1)
             self.tick = now
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "step")
         done = step - self.start_step
         eta = int((now - self.start) / done * (self.max_steps - step)) if done > 0 else 0

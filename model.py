@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FAMILIES = {  # model_type -> HF class-name prefix
@@ -350,8 +351,16 @@ def _ours_to_gpt2(sd):
 
 def read_config(path) -> ModelConfig:
     where = os.path.join(path, "config.json")
-    with open(where) as f:
-        return ModelConfig.from_hf(json.load(f), where)
+    if not os.path.isfile(where):
+        raise FileNotFoundError(f"{where}: not found; expected a Hugging Face model directory (config.json, "
+                                "model.safetensors, tokenizer.json), e.g. from huggingface-cli download")
+    try:
+        with open(where, encoding="utf-8") as f:
+            return ModelConfig.from_hf(json.load(f), where)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}); download it again") from None
+    except KeyError as e:
+        raise ValueError(f"{where}: missing field {e.args[0]!r}") from None
 
 
 def load_hf_state_dict(path, cfg: ModelConfig, device="cpu", dtype=None) -> dict:
@@ -366,7 +375,11 @@ def load_hf_state_dict(path, cfg: ModelConfig, device="cpu", dtype=None) -> dict
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     sd = {}
     for fname in files:
-        sd.update(load_file(os.path.join(path, fname), device=str(device)))
+        try:
+            sd.update(load_file(os.path.join(path, fname), device=str(device)))
+        except SafetensorError as e:
+            raise ValueError(f"{os.path.join(path, fname)}: not a readable safetensors file ({e}); it is truncated or "
+                             "corrupt: download or save it again") from None
     if cfg.gpt2:
         sd = _gpt2_to_ours(sd, cfg.hidden_size)
     return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}

@@ -33,26 +33,28 @@ class DPOConfig(common.TrainConfig):
     ref_model: str = ""         # frozen reference; default: --model
     out: str = "runs/dpo"
     loss: str = "sigmoid"       # a losses.DPO_LOSS_TYPES entry, or simpo | orpo | kto
-    beta: float = 0.1
+    beta: float = 0.1           # strength of the KL regularisation (inverse temperature of the implicit reward)
     label_smoothing: float = 0.0  # cDPO / robust
     rpo_alpha: float = 1.0      # + rpo_alpha * NLL(chosen), RPO (Pang et al. 2024); 0 = plain DPO (TRL's default)
-    simpo_gamma_beta_ratio: float = 0.5
-    kto_desirable_weight: float = 1.0
-    kto_undesirable_weight: float = 1.0
+    simpo_gamma_beta_ratio: float = 0.5  # SimPO's target margin gamma, as a multiple of beta
+    kto_desirable_weight: float = 1.0    # KTO: weight of desirable examples
+    kto_undesirable_weight: float = 1.0  # KTO: weight of undesirable examples
     share_prompt: bool = True   # one row per pair, prompt computed once (batching.collate_preference_shared)
     precompute_ref: bool = False  # one no-grad reference pass over the data, then free the reference
-    max_prompt_length: int = 128
+    max_prompt_length: int = 128  # prompt tokens kept (from the end) when a pair is too long
     max_steps: int = 150
     batch_size: int = 16
     lr: float = 1e-4
     warmup_steps: int = 10
-    eval_data: str = ""
+    eval_data: str = ""         # held-out pairs (JSONL) for the eval/ metrics
     eval_every: int = 50
     eval_samples: int = 256     # built-in task: held-out prompts for eval/accuracy
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16    # built-in task: length cap of generated answers
     samples_per_prompt: int = 8  # built-in task: sampled answers per prompt to build pairs
     pair_prompts: int = 2000     # built-in task: training prompts sampled to build pairs
     sft_steps: int = 0           # built-in task: SFT steps if no SFT model exists (0 = its default)
+    RANGES = {**common.TrainConfig.RANGES, "beta": "(0, inf)", "label_smoothing": "[0, 0.5]",
+              "max_prompt_length": "[1, inf)", "max_new_tokens": "[1, inf)", "samples_per_prompt": "[1, inf)"}
 
 
 def collate(rows, pad_id, cfg):

@@ -20,6 +20,7 @@ Each step:
                                       (+ clipped value loss, PPO)
 """
 import importlib
+import inspect
 import os
 import time
 from contextlib import nullcontext
@@ -49,36 +50,44 @@ class PPOConfig(common.TrainConfig):
     ppo_epochs: int = 1          # passes over each rollout
     minibatches: int = 2         # optimizer steps per pass
     lr: float = 2e-4
-    value_lr: float = 1e-3
+    value_lr: float = 1e-3       # PPO critic's learning rate (constant)
     warmup_steps: int = 0
     beta: float = 0.02           # KL coefficient (PPO: in the reward; GRPO/RLOO: k3 loss term); 0 = no reference
-    clip_eps: float = 0.2
+    clip_eps: float = 0.2        # PPO ratio clipping
     clip_eps_high: float = 0.0   # DAPO clip-higher; 0 = same as clip_eps
     loss_agg: str = "dapo"       # grpo | dr_grpo | dapo
     scale_rewards: bool = True   # GRPO std normalisation (False = Dr. GRPO)
-    vf_coef: float = 0.5
-    vf_clip: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
+    vf_coef: float = 0.5         # weight of the value loss
+    vf_clip: float = 0.2         # value clipping around the rollout's values
+    gamma: float = 1.0           # discount
+    lam: float = 0.95            # GAE lambda
     whiten: bool = True          # PPO: whiten advantages over the rollout
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = 1.0     # sampling temperature; 0 = greedy
+    top_k: int = 0               # sample among the k likeliest tokens; 0 = all
+    top_p: float = 1.0           # nucleus sampling
     max_new_tokens: int = 16     # response length cap
-    max_prompt_length: int = 128
+    max_prompt_length: int = 128  # prompt tokens kept (from the end)
     missing_eos_penalty: float = 0.0  # subtracted from the score of completions that never emitted EOS
     stop_tokens: str = ""        # more tokens that end a completion, comma-separated (EOS and end-of-turn always do)
     eval_every: int = 10
-    eval_samples: int = 256
+    eval_samples: int = 256      # built-in task: held-out prompts for eval/accuracy
     log_every: int = 1
     record_rollout: str = ""     # save the first rollout's tensors (rank 0) to this file: tests, debugging
+    RANGES = {**common.TrainConfig.RANGES, "prompts_per_step": "[1, inf)", "group_size": "[1, inf)",
+              "ppo_epochs": "[1, inf)", "minibatches": "[1, inf)", "value_lr": "(0, inf)", "clip_eps": "(0, inf)",
+              "gamma": "[0, 1]", "lam": "[0, 1]", "top_p": "(0, 1]", "max_new_tokens": "[1, inf)",
+              "max_prompt_length": "[1, inf)"}
 
 
 def load_reward_fn(spec):
+    """The function and the record fields it requires: its parameters after (prompts, completions)
+    without a default (data.task:reward_fn requires "answer"), checked on every record at load time."""
     module, _, name = spec.partition(":")
     if not name:
         raise ValueError(f"--reward-fn {spec!r}: expected module:function, e.g. data.task:reward_fn")
-    return getattr(importlib.import_module(module), name)
+    fn = getattr(importlib.import_module(module), name)
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    return fn, [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def completion_logps(model, seqs, attn, P, dist, cfg, entropy=False):
@@ -123,15 +132,15 @@ def main(cfg: PPOConfig):
         if tok.tokenizer.token_to_id(t) is None:
             raise ValueError(f"--stop-tokens: {t!r} is not a single token of {model_dir}'s tokenizer")
         tok.stop_ids.append(tok.tokenizer.token_to_id(t))
+    reward_fn, needs = load_reward_fn(cfg.reward_fn or "data.task:reward_fn") if not cfg.reward_model else (None, ())
     if cfg.data:
-        prompts = formats.load_prompts(cfg.data)
+        prompts = formats.load_prompts(cfg.data, needs)
         held_out = []
     else:
         tdir = task.ensure_task(task.TASK_DIR)
-        prompts = formats.load_prompts(os.path.join(tdir, "train.jsonl"))
+        prompts = formats.load_prompts(os.path.join(tdir, "train.jsonl"), needs)
         held_out = formats.load_prompts(os.path.join(tdir, "test.jsonl"))[:cfg.eval_samples]
     prompt_ids = [chat.tokenize_prompt(p, tok, cfg.max_prompt_length) for p in prompts]
-    reward_fn = load_reward_fn(cfg.reward_fn or "data.task:reward_fn") if not cfg.reward_model else None
 
     # ---- models
     policy = common.shard(M.from_pretrained(model_dir), dist)
@@ -240,6 +249,7 @@ def main(cfg: PPOConfig):
                 if cfg.algo != "ppo" and ref is not None:  # GRPO's KL term, aggregated like the policy loss
                     kl_term = losses.policy_gradient_loss(losses.kl_penalty(logps, ref_logps[mb], "k3"), m, **agg)
                     loss = loss + cfg.beta * kl_term
+                common.check_finite(common.all_sum(loss.item(), dist), step, "policy loss")
                 loss.backward()
                 st = {k2: v.item() for k2, v in st.items()}
                 st["policy_loss"] = pg_loss.item()
@@ -250,8 +260,7 @@ def main(cfg: PPOConfig):
                     (cfg.vf_coef * vf_loss).backward()
                     for g in vopt.param_groups:
                         g["lr"] = cfg.value_lr
-                    torch.nn.utils.clip_grad_norm_([p for p in critic.parameters() if p.grad is not None],
-                                                   cfg.grad_clip or float("inf"))
+                    common.clip_grad_norm(critic, cfg.grad_clip, step, "value grad_norm")
                     vopt.step()
                     vopt.zero_grad(set_to_none=True)
                     st["value_loss"], st["vf_clipfrac"] = vf_loss.item(), vst["vf_clipfrac"].item()
@@ -270,7 +279,6 @@ def main(cfg: PPOConfig):
             var_e = losses.masked_mean((returns - old_values - losses.masked_mean(returns - old_values, cmaskf)) ** 2, cmaskf)
             metrics["explained_variance"] = (1 - var_e / var_r.clamp(min=1e-8)).item()
         metrics = {k: common.all_sum(v, dist) / dist.world for k, v in metrics.items()}
-        common.check_finite(metrics["policy_loss"], step)
         t_all = time.time() - t0
         metrics["gen_tokens_per_s"] = common.all_sum(n_tok.item(), dist) / max(t_gen, 1e-9)
         metrics["train_tokens_per_s"] = common.all_sum(attn.sum().item() * cfg.ppo_epochs, dist) / max(t_all - t_gen, 1e-9)

@@ -26,16 +26,18 @@ class RMConfig(common.TrainConfig):
     out: str = "runs/rm"
     center_coef: float = 0.0   # + center_coef * mean((r_chosen + r_rejected)^2) keeps scores near 0
     use_margin: bool = False   # subtract the records' "margin" field inside the sigmoid
-    max_prompt_length: int = 128
+    max_prompt_length: int = 128  # prompt tokens kept (from the end) when a pair is too long
     max_steps: int = 150
     batch_size: int = 16
     lr: float = 3e-4
     warmup_steps: int = 10
-    eval_data: str = ""
+    eval_data: str = ""          # held-out pairs (JSONL) for eval/accuracy
     eval_every: int = 50
     samples_per_prompt: int = 8  # built-in task: sampled answers per prompt to build pairs
     pair_prompts: int = 2000     # built-in task: training prompts sampled to build pairs
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16     # built-in task: length cap of the sampled answers
+    RANGES = {**common.TrainConfig.RANGES, "max_prompt_length": "[1, inf)", "samples_per_prompt": "[1, inf)",
+              "max_new_tokens": "[1, inf)"}
 
 
 def pair_scores(model, batch, dist):

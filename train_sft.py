@@ -32,7 +32,8 @@ class SFTConfig(common.TrainConfig):
     eval_samples: int = 256    # held-out prompts for eval/accuracy (built-in task)
     max_new_tokens: int = 16
     packing: bool = False      # pack short examples into rows of max_length tokens
-    train_on_prompt: bool = False
+    train_on_prompt: bool = False  # learn the prompt tokens too
+    RANGES = {**common.TrainConfig.RANGES, "max_new_tokens": "[1, inf)"}
 
 
 def sft_batches(examples, cfg, dist, step, pad_id):
@@ -51,10 +52,11 @@ def main(cfg: SFTConfig):
     dist = common.setup(cfg)
 
     # ---- data
-    model_dir = cfg.model or task.ensure_task(task.TASK_DIR)
+    tdir = "" if cfg.data and cfg.model else task.ensure_task(task.TASK_DIR)  # --model without --data: the task's data
+    model_dir = cfg.model or tdir
     tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None)
-    train_path = cfg.data or os.path.join(model_dir, "train.jsonl")
-    eval_path = cfg.eval_data or ("" if cfg.data else os.path.join(model_dir, "test.jsonl"))
+    train_path = cfg.data or os.path.join(tdir, "train.jsonl")
+    eval_path = cfg.eval_data or ("" if cfg.data else os.path.join(tdir, "test.jsonl"))
     train = [chat.tokenize_sft(ex, tok, cfg.max_length, cfg.train_on_prompt) for ex in formats.load_sft(train_path)]
     eval_set = [chat.tokenize_sft(ex, tok, cfg.max_length) for ex in formats.load_sft(eval_path)] if eval_path else []
     # the built-in task also measures exact-match accuracy of greedy answers to held-out prompts

@@ -55,8 +55,11 @@ class Tok:
 
 def _read_json(path):
     if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}); download it again") from None
     return {}
 
 
@@ -67,7 +70,17 @@ def load_tokenizer(model_dir, chat_format=None, system_prompt=None) -> Tok:
     chat template). eos_id is tokenizer_config's eos_token (else the first eos_token_id); stop_ids
     adds every eos_token_id and the format's end-of-turn token; bos is tokenizer_config's
     bos_token or none; pad falls back to eos."""
-    tk = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir}: no such directory; --model expects a Hugging Face model directory "
+                                "(config.json, model.safetensors, tokenizer.json)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found; nanotrl reads the fast tokenizer's tokenizer.json (a model with "
+                                "only a slow tokenizer: save one with transformers' AutoTokenizer.save_pretrained)")
+    try:
+        tk = Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises a bare Exception with serde's message
+        raise ValueError(f"{path}: not a valid tokenizer.json ({e}); download it again") from None
     tcfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
     gcfg = _read_json(os.path.join(model_dir, "generation_config.json"))
     mcfg = _read_json(os.path.join(model_dir, "config.json"))

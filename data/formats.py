@@ -11,6 +11,8 @@ prompt/completion/chosen/rejected are strings or lists of messages (TRL's conver
 """
 import gzip
 import json
+import warnings
+import zlib
 
 ROLES = ("system", "user", "assistant")
 
@@ -27,18 +29,28 @@ def read_jsonl(path):
 def numbered_jsonl(path):
     """[(line_number, record)] of a .jsonl or .jsonl.gz file, for error messages that name the line."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    out = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-            out.append((n, rec))
+    out, n = [], 0
+    # bytes, decoded line by line: a non-UTF-8 byte is reported at its line
+    with opener(path, "rb") as f:
+        try:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{n}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+                out.append((n, rec))
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: truncated or corrupt gzip data {f'after line {n}' if n else 'at its start'} ({e}); "
+                            "write or download the file again (gzip -t checks it)") from None
     if not out:
         raise DataError(f"{path}: no records")
     return out
@@ -138,6 +150,11 @@ def load_preference(path):
             raise DataError(f"{where}: field 'margin': expected a number, got {type(rec['margin']).__name__}")
         extras = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **extras, "where": where})
+    same = [ex["where"].rsplit(":", 1)[1] for ex in out if as_messages(ex["chosen"], "assistant") ==
+            as_messages(ex["rejected"], "assistant")]
+    if same:
+        warnings.warn(f"{path}: {len(same)} of {len(out)} pairs have identical chosen and rejected answers (lines "
+                      f"{', '.join(same[:5])}{', ...' if len(same) > 5 else ''}): they carry no preference")
     return out
 
 
@@ -152,10 +169,15 @@ def load_unpaired(path):
     return out
 
 
-def load_prompts(path):
-    """RL / evaluation prompts: {"prompt": str or [messages], ...extra fields kept as they are}."""
+def load_prompts(path, required=()):
+    """RL / evaluation prompts: {"prompt": str or [messages], ...extra fields kept as they are};
+    `required`: fields every record must have (train_ppo.py: the reward function's arguments)."""
     out = []
     for n, rec in numbered_jsonl(path):
-        _field(rec, "prompt", f"{path}:{n}")
+        _prompt(rec, f"{path}:{n}")
+        for k in required:
+            if k not in rec:
+                raise DataError(f"{path}:{n}: missing field {k!r}, which the reward function requires "
+                                f"(it takes {', '.join(required)})")
         out.append(rec)
     return out
