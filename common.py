@@ -27,6 +27,7 @@ import torch
 import torch.distributed as torchdist
 from safetensors.torch import load_file, save_file
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -379,7 +380,7 @@ def writing(path):
     torch's zip writer: "unexpected pos"), becomes one error that names `path`."""
     try:
         yield
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
         text = str(e)
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text or "os error 28" in text \
                 or "unexpected pos" in text:
@@ -440,7 +441,7 @@ def load_checkpoint(path, dist: Dist, parts: dict) -> dict:
         sd[name] = {"model": msd, "optim": osd}
     try:
         dcp.load(sd, checkpoint_id=path)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
         raise RuntimeError(f"{path}: checkpoint cannot be read ({str(e).strip().splitlines()[0]}); delete this "
                            "directory to resume from the checkpoint before it, or start afresh with --overwrite") from e
     for name, (model, opt) in parts.items():

@@ -30,7 +30,7 @@ class SFTConfig(common.TrainConfig):
     eval_data: str = ""        # held-out JSONL for eval/loss; built-in task: its test split
     eval_every: int = 200
     eval_samples: int = 256    # held-out prompts for eval/accuracy (built-in task)
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16   # built-in task: length cap of generated answers (eval/accuracy)
     packing: bool = False      # pack short examples into rows of max_length tokens
     train_on_prompt: bool = False  # learn the prompt tokens too
     RANGES = {**common.TrainConfig.RANGES, "max_new_tokens": "[1, inf)"}

@@ -105,7 +105,7 @@ def test_stop_tokens_end_completions(tiny, tmp_path):
         lengths.append(len(comp))
     assert min(lengths) < 6  # some completion did stop early (6 = --max-new-tokens)
     with pytest.raises(AssertionError, match="not a single token"):
-        run_script("train_ppo.py", args + ["--stop-tokens", "<|nope|>"] + SMALL, tmp_path)
+        run_script("train_ppo.py", args + ["--stop-tokens", "<|nope|>", "--out", "o2"] + SMALL, tmp_path)
 
 
 def test_logps_are_those_of_the_sampling_distribution(tiny, tmp_path):

@@ -10,6 +10,7 @@ divides by sqrt(v) + eps, so coordinates whose gradient is ~0 amplify summation-
 """
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,10 +58,34 @@ def single(tmp_path_factory):
     return d
 
 
-def test_one_vs_two_processes(single, tmp_path):
-    run(SMALL + ["--out", "o", "--batch-size", "4"], tmp_path, nproc=2)  # 2 ranks x 4 = 8
-    assert_same_curves(single / "o", tmp_path / "o")
-    assert_weights_close(weights(single / "o"), weights(tmp_path / "o"), 1e-4)
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    d = tmp_path_factory.mktemp("two")
+    run(SMALL + ["--out", "o", "--batch-size", "4"], d, nproc=2)  # 2 ranks x 4 = 8
+    return d
+
+
+def test_one_vs_two_processes(single, two):
+    assert_same_curves(single / "o", two / "o")
+    assert_weights_close(weights(single / "o"), weights(two / "o"), 1e-4)
+
+
+def test_two_nodes_equal_two_processes(two, tmp_path):
+    """The multi-node launch of the README: two torchrun agents (one per "node", here both on this
+    machine) meeting at a c10d rendezvous. Same ranks, same arithmetic as --standalone: identical."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test",
+           os.path.join(ROOT, "train_sft.py")] + SMALL + ["--out", "o", "--batch-size", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    agents = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    logs = [a.communicate(timeout=600)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), "\n".join(log[-3000:] for log in logs)
+    assert_same_curves(two / "o", tmp_path / "o", rtol=0)
+    assert_weights_close(weights(two / "o"), weights(tmp_path / "o"), 0.0)
 
 
 def test_grad_accum_equals_bigger_batch(single, tmp_path):
@@ -77,7 +102,7 @@ def test_resume_equals_uninterrupted(single, tmp_path):
     assert [b[k] for k in sorted(b)] == [a[k] for k in sorted(a)]
     assert [m["step"] for m in metrics(tmp_path / "o") if "loss" in m] == [1, 2, 3, 4, 5, 6]  # one line per step
     assert_weights_close(weights(single / "o"), weights(tmp_path / "o"), 0.0)
-    run(SMALL + ["--out", "o", "--max-steps", "2"], tmp_path)  # a fresh run into the same directory starts afresh
+    run(SMALL + ["--out", "o", "--max-steps", "2", "--overwrite"], tmp_path)  # a fresh run into the same directory starts afresh
     assert [m["step"] for m in metrics(tmp_path / "o") if "loss" in m] == [1, 2]
 
 
