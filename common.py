@@ -303,9 +303,10 @@ def check_finite(value: float, step: int, what="loss"):
 # ----------------------------------------------------------------------------- checkpoints
 
 # Fields that may differ between a run and its --resume: where and how often it reports and saves,
-# not what it computes. --max-steps may grow (checked in check_out).
+# and activation checkpointing (same arithmetic, less memory), not what it computes. --max-steps may
+# change too, as long as the checkpoint's step is not past it (checked in check_out).
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "stop_after", "save_every", "log_every", "eval_every",
-                     "eval_samples", "record_rollout")
+                     "eval_samples", "record_rollout", "grad_ckpt")
 
 
 def check_out(cfg: TrainConfig):
