@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torchdist
-from safetensors.torch import load_file, save_file
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -102,7 +102,9 @@ def _range(cls, name):
 def _in_range(v, interval):
     """v in an interval written "[lo, hi)", "(0, 1]"...; inf bounds are open; NaN is never in."""
     lo, hi = (float(x) for x in interval[1:-1].split(","))
-    return math.isfinite(v) and (lo <= v if interval[0] == "[" else lo < v) and (v <= hi if interval[-1] == "]" else v < hi)
+    above = lo <= v if interval[0] == "[" else lo < v
+    below = v <= hi if interval[-1] == "]" else v < hi
+    return math.isfinite(v) and above and below
 
 
 def _field_comments(cls):
@@ -316,13 +318,14 @@ def check_out(cfg: TrainConfig):
     saved config differs from this run's in a field that defines the run, and names the field."""
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
-    ckpt = latest_checkpoint(cfg.out, quiet=True) if cfg.resume else None
-    if ckpt is None:
-        found = [n for n in ("checkpoints", "model") if os.path.exists(os.path.join(cfg.out, n))]
-        if found and not cfg.overwrite and (latest_checkpoint(cfg.out, quiet=True) or "model" in found):
+    ckpt = latest_checkpoint(cfg.out, quiet=True)
+    if not (cfg.resume and ckpt):
+        held = [n for n, there in (("checkpoints/", ckpt), ("model/", os.path.isdir(os.path.join(cfg.out, "model"))))
+                if there]
+        if held and not cfg.overwrite:
             how = "it has no checkpoint to resume from" if cfg.resume else "continue it with --resume"
-            raise FileExistsError(f"{cfg.out} holds another run ({' and '.join(n + '/' for n in found)}): {how}; "
-                                  "start afresh with --overwrite (deletes them), or choose another --out")
+            raise FileExistsError(f"{cfg.out} holds another run ({' and '.join(held)}): {how}; start afresh with "
+                                  "--overwrite (deletes them), or choose another --out")
         return
     with open(os.path.join(ckpt, "state.json")) as f:
         state = json.load(f)
@@ -500,33 +503,38 @@ class Preemption:
 # ----------------------------------------------------------------------------- logging
 
 def start_out(cfg: TrainConfig, start_step):
-    """Prepare --out for this run and return the metrics.jsonl lines it keeps. A fresh run with
-    --overwrite deletes the previous run's files (only those nanotrl writes); config.json, the
-    run's identity, is written atomically. A resumed run keeps the lines logged up to its
-    checkpoint; a partial last line (a run killed mid-write) is dropped."""
+    """Prepare --out for this run. A fresh run with --overwrite deletes the previous run's files
+    (only those nanotrl writes). config.json, the run's identity, and metrics.jsonl are replaced
+    atomically: a fresh run starts an empty log; a resumed one keeps the lines logged up to its
+    checkpoint, dropping a partial last line (a run killed mid-write)."""
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.overwrite and not start_step:
         for name in ("checkpoints", "model"):
             shutil.rmtree(os.path.join(cfg.out, name), ignore_errors=True)
-    tmp = os.path.join(cfg.out, f".config.json.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    os.replace(tmp, os.path.join(cfg.out, "config.json"))
-    path, kept = os.path.join(cfg.out, "metrics.jsonl"), []
-    if start_step and os.path.exists(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-        for n, line in enumerate(lines, 1):
-            try:
-                step = json.loads(line)["step"]
-            except (ValueError, KeyError, TypeError):
-                if n < len(lines):
-                    raise ValueError(f"{path}:{n}: not a metrics record (JSON object with a 'step'); delete the "
-                                     "line, or the file, to resume") from None
-                print0(f"{path}:{n}: dropping a partial last line (the run was stopped while writing it)")
-                continue
-            if step <= start_step:
-                kept.append(line)
+    path = os.path.join(cfg.out, "metrics.jsonl")
+    kept = _kept_metrics(path, start_step) if start_step and os.path.exists(path) else []
+    for name, text in (("config.json", json.dumps(dataclasses.asdict(cfg), indent=2)), ("metrics.jsonl", "".join(kept))):
+        tmp = os.path.join(cfg.out, f".{name}.{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(cfg.out, name))
+
+
+def _kept_metrics(path, start_step):
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if n < len(lines):
+                raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with a 'step'); delete the "
+                                 "line, or the file, to resume") from None
+            print0(f"{path}:{n}: dropping a partial last line (the run was stopped while writing it)")
+            continue
+        if step <= start_step:
+            kept.append(line)
     return kept
 
 
@@ -541,10 +549,8 @@ class Logger:
         if self.main:  # the first bytes of the run written to --out: every input is validated by now
             self.path = os.path.join(cfg.out, "metrics.jsonl")
             with writing(cfg.out):
-                kept = start_out(cfg, start_step)
-                self.file = open(self.path, "w")
-                self.file.writelines(kept)
-                self.file.flush()
+                start_out(cfg, start_step)
+            self.file = open(self.path, "a", encoding="utf-8")
 
     def log(self, step, metrics: dict, tokens=0):
         """`tokens`: tokens processed by all ranks since the last call that passed tokens."""
