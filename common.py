@@ -631,7 +631,7 @@ def ensure_sft_model(dist: Dist, seed=0, max_steps=0):
         import train_sft
 
         print0(f"no SFT model at {path}: training it first (train_sft.py defaults)")
-        sft = train_sft.SFTConfig(out=SFT_DIR, seed=seed)
+        sft = train_sft.SFTConfig(out=SFT_DIR, seed=seed, resume=True)  # continues an interrupted one
         if max_steps:
             sft.max_steps = max_steps
         train_sft.main(sft)
