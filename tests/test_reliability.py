@@ -55,7 +55,12 @@ def test_runs_never_mix(here):
         sft(*SFT, "--lr", "1e-4", "--resume", "--out", "o")
     with pytest.raises(ValueError, match="pass one of them"):
         sft(*SFT, "--resume", "--overwrite", "--out", "o")
+    # --overwrite deletes nothing before the new run's inputs are validated
+    (here / "bad.jsonl").write_text('{"prompt": "a", "completion": 3}\n')
+    with pytest.raises(formats.DataError, match="bad.jsonl:1"):
+        sft(*SFT, "--data", "bad.jsonl", "--overwrite", "--out", "o")
     assert before == {n: (here / "o" / n).read_bytes() for n in before}  # refused runs wrote nothing
+    assert checkpoints(here / "o") == ["step_00000002", "step_00000004"] and (here / "o" / "model").exists()
     # --overwrite clears the old run; its own checkpoint is then what --resume continues
     sft(*SFT, "--lr", "1e-4", "--stop-after", "1", "--overwrite", "--out", "o")
     assert checkpoints(here / "o") == ["step_00000001"] and not (here / "o" / "model").exists()
