@@ -55,8 +55,9 @@ class TrainConfig:
     stop_after: int = 0       # checkpoint and exit after this step (time-boxed jobs); 0 = off
     resume: bool = False      # continue from the latest checkpoint in out/checkpoints
     chunk_size: int = 256     # positions per chunk for log-probs over the vocabulary ([256, V] fp32 buffer)
-    chat_format: str = ""     # chatml | llama3 | plain; empty = from the tokenizer (data/chat.py)
-    system_prompt: str = ""   # inserted when a conversation has none (e.g. Qwen2.5's default, as its template does)
+    chat_format: str = ""     # empty = the tokenizer's chat template; chatml | llama3 | plain = a built-in format
+    system_prompt: str = ""   # inserted when a conversation has none
+    chat_template_kwargs: str = ""  # JSON object of chat template variables, e.g. '{"enable_thinking": false}' (data/chat.py)
 
 
 def parse_config(cls, argv=None):

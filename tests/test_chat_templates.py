@@ -43,7 +43,7 @@ class CachedTokenizer:
         return _loaded[path]
 
 
-def tokenizer_dir(tmp_path, name, template=None):
+def tokenizer_dir(tmp_path, name, template=None, **config):
     src = os.path.join(TOKENIZERS, name)
     if not os.path.exists(os.path.join(src, "tokenizer.json")):
         pytest.skip("../shared/tokenizers not present")
@@ -53,6 +53,7 @@ def tokenizer_dir(tmp_path, name, template=None):
     os.symlink(os.path.join(src, "tokenizer.json"), os.path.join(d, "tokenizer.json"))
     cfg = json.load(open(os.path.join(src, "tokenizer_config.json")))
     cfg.pop("chat_template")
+    cfg.update(config)
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
         json.dump(cfg, f)
     with open(os.path.join(d, "chat_template.jinja"), "w") as f:  # where transformers saves templates; wins over the config
@@ -145,6 +146,23 @@ def test_template_variables_and_defaults(tmp_path, monkeypatch, oracles):
         chat.load_tokenizer(d, template_kwargs='["x"]')
 
 
+def test_end_of_turn_token_comes_from_the_template(tmp_path, monkeypatch):
+    """A base checkpoint whose eos is <|endoftext|> but whose template ends turns with <|im_end|> (Qwen2.5
+    base): generation must stop, and masks end, at the template's end-of-turn token."""
+    monkeypatch.setattr(chat, "Tokenizer", CachedTokenizer)
+    tok = chat.load_tokenizer(tokenizer_dir(tmp_path, "qwen3", QWEN25, eos_token="<|endoftext|>"))
+    assert tok.stop_ids == [tok.tokenizer.token_to_id("<|endoftext|>"), tok.tokenizer.token_to_id("<|im_end|>")]
+    e = chat.tokenize_sft({"messages": [U1, A1, U2, A2]}, tok, 100)
+    assert runs(tok, e["input_ids"], e["loss_mask"]) == [A1["content"] + "<|im_end|>", A2["content"] + "<|im_end|>"]
+    # a template whose answers end with no stop token at all: the model could not learn to stop
+    tok = chat.load_tokenizer(tokenizer_dir(tmp_path, "qwen3", "{% for m in messages %}{{ m.role }}: {{ m.content }}\n"
+                                                               "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"))
+    with pytest.raises(formats.DataError, match="ends assistant message 1 with none of the stop tokens"):
+        chat.tokenize_sft({"messages": [U1, A1]}, tok, 100)
+    with pytest.raises(formats.DataError, match="ends assistant message 1 with none of the stop tokens"):
+        chat.tokenize_sft({"messages": [U1, A1, {"role": "user", "content": "<|im_end|>"}, A2]}, tok, 100)
+
+
 def test_template_errors_name_file_and_line(tmp_path, monkeypatch):
     tok, *_ = load(tmp_path, monkeypatch, "mistral-v0.3")
     p = tmp_path / "d.jsonl"
@@ -161,6 +179,16 @@ def test_template_errors_name_file_and_line(tmp_path, monkeypatch):
         chat.tokenize_sft({"messages": [SYS, U1, A1]}, tok, 100)
     prompt = tok.tokenizer.decode(chat.tokenize_prompt({"prompt": [SYS, U1]}, tok, 100), skip_special_tokens=False)
     assert prompt == "<|begin_of_text|>[INST] Be brief.\n\nHi there[/INST]"
+    # a generation prompt the answered conversation does not contain (DeepSeek-R1 opens "<think>\n" there): a
+    # pair has no well-defined answer (error); a conversation's turn starts where the two renderings part
+    d = tokenizer_dir(tmp_path, "llama3", "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>"
+                      "{{ m.content }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+                      "<|end_header_id|><think>\n{% endif %}")
+    tok = chat.load_tokenizer(d)
+    with pytest.raises(formats.DataError, match=r"renders the prompt \(with its generation prompt\) differently .*'<think>"):
+        chat.tokenize_preference({"prompt": "q", "chosen": "a", "rejected": "b"}, tok, 100, 50)
+    e = chat.tokenize_sft({"messages": [U1, A1]}, tok, 100)
+    assert runs(tok, e["input_ids"], e["loss_mask"]) == [A1["content"] + "<|eot_id|>"]
 
 
 def test_answer_starting_with_a_newline_keeps_the_prompt_tokens(tmp_path, monkeypatch, oracles):
