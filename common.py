@@ -62,8 +62,9 @@ class TrainConfig:
     resume: bool = False      # continue from the latest checkpoint in out/checkpoints
     overwrite: bool = False   # start afresh in an --out that holds another run (deletes its checkpoints and model)
     chunk_size: int = 256     # positions per chunk for log-probs over the vocabulary ([256, V] fp32 buffer)
-    chat_format: str = ""     # chatml | llama3 | plain; empty = from the tokenizer (data/chat.py)
-    system_prompt: str = ""   # inserted when a conversation has none (e.g. Qwen2.5's default, as its template does)
+    chat_format: str = ""     # empty = the tokenizer's chat template; chatml | llama3 | plain = a built-in format
+    system_prompt: str = ""   # inserted when a conversation has none
+    chat_template_kwargs: str = ""  # JSON object of chat template variables, e.g. '{"enable_thinking": false}' (data/chat.py)
 
     # Allowed values of the numeric flags as intervals; a numeric flag not listed must be >= 0.
     # Scripts extend it: RANGES = {**common.TrainConfig.RANGES, "beta": "(0, inf)"}.

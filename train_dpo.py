@@ -120,7 +120,7 @@ def main(cfg: DPOConfig):
 
     # ---- data
     model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed, cfg.sft_steps)
-    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None)
+    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
     policy = common.shard(M.from_pretrained(model_dir), dist)
     held_out = []
     if cfg.data:

@@ -127,7 +127,7 @@ def main(cfg: PPOConfig):
 
     # ---- data
     model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed)
-    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None)
+    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
     for t in filter(None, cfg.stop_tokens.split(",")):
         if tok.tokenizer.token_to_id(t) is None:
             raise ValueError(f"--stop-tokens: {t!r} is not a single token of {model_dir}'s tokenizer")

@@ -55,7 +55,7 @@ def main(cfg: RMConfig):
 
     # ---- data and model
     model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed)
-    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None)
+    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
     rm = M.from_pretrained(model_dir, head="score", seed=cfg.seed)
     rm.cfg.pad_token_id = tok.pad_id  # transformers finds the last token through pad_token_id
     if tok.pad_id in tok.stop_ids:

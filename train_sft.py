@@ -54,7 +54,7 @@ def main(cfg: SFTConfig):
     # ---- data
     tdir = "" if cfg.data and cfg.model else task.ensure_task(task.TASK_DIR)  # --model without --data: the task's data
     model_dir = cfg.model or tdir
-    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None)
+    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
     train_path = cfg.data or os.path.join(tdir, "train.jsonl")
     eval_path = cfg.eval_data or ("" if cfg.data else os.path.join(tdir, "test.jsonl"))
     train = [chat.tokenize_sft(ex, tok, cfg.max_length, cfg.train_on_prompt) for ex in formats.load_sft(train_path)]

@@ -1,28 +1,52 @@
 """
-Tokenizers and chat rendering with the `tokenizers` library only (no transformers, no jinja).
+Tokenizers and chat rendering with the `tokenizers` library (and jinja2 for chat templates).
 
-render_chat builds token ids segment by segment (role header, content, end-of-turn), so the
-assistant mask is exact by construction: 1 on every assistant content token and on the token that
-ends the assistant turn (the model must learn to stop), 0 on everything else. The rendered text
-is the one of the model family's HF chat template:
+A tokenizer with a chat template (tokenizer_config.json's "chat_template", or chat_template.jinja)
+is rendered with it exactly as transformers' apply_chat_template does: a sandboxed jinja2
+environment with trim_blocks/lstrip_blocks, loopcontrols, the tojson filter, raise_exception,
+strftime_now, the special tokens (bos_token, eos_token, ...) and extra variables (Qwen3's
+enable_thinking, Llama 3.1's date_string: --chat-template-kwargs). One difference: printing a
+variable nobody passed is an error naming it, where transformers prints "" (a silent hole in the
+training text). The ids are the rendered text tokenized in one piece, as a server tokenizes it.
+
+The assistant mask comes from the template's own output, not from per-family rules: for each
+assistant message k of the conversation (rendered once, whole),
+  - the messages before it must render as a prefix of the whole (else DataError: e.g. Mistral
+    v0.3's template moves the system message into the last user turn only),
+  - its turn starts where the whole rendering leaves the rendering of messages[:k] with the
+    generation prompt (normally right after that prompt; where the template renders this turn
+    without part of it, e.g. Qwen3 with enable_thinking=false before the last user turn, where the
+    two diverge),
+  - and ends with the first stop token (Tok.stop_ids: eos, generation_config's eos ids and the
+    template's end-of-turn token) from there: what the model generates before a server stops it.
+Masked = 1 from that start through that end-of-turn token, so the model learns to stop; text after
+it (ChatML's "\\n") is the template's separator, never generated, so not trained (as TRL's
+{% generation %} templates). Tokens straddling a boundary count as inside (transformers' rule).
+Qwen3: the whole conversation is rendered once, so an earlier assistant turn is trained as the
+template shows it in the full conversation (reasoning dropped) and the last one with what follows
+the generation prompt, i.e. "<think>\\n\\n</think>\\n\\n" + content (the model writes that block when
+served with thinking on; with enable_thinking=false the prompt holds it and it is not trained).
+
+Prompts and answers (preference pairs, KTO, prompt/completion SFT, RL): prompt = the messages
+with the generation prompt; completion = what follows it in the rendering of prompt + answer,
+through its last end-of-turn token (TRL's rule). The whole rendering must start with the
+prompt's, else DataError. The completion's ids are the one-piece ids after the prompt's; where a
+token would straddle the boundary, the completion text is tokenized on its own.
+
+Tokenizers without a template (the built-in task, GPT-2), or --chat-format, use a built-in format.
+render_chat builds those segment by segment (role header, content, end-of-turn):
 
   chatml  (Qwen2/2.5/3)  <|im_start|>{role}\\n{content}<|im_end|>\\n ...   prompt: <|im_start|>assistant\\n
   llama3  (Llama 3.x)    <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> ...
   plain   (GPT-2, the built-in task)   [bos] User: {content}\\n  Assistant: {content}[eos] ...   prompt: "Assistant: "
 
-Default system prompts: HF's Qwen2 / Qwen2.5 templates insert QWEN2_SYSTEM_PROMPT /
-QWEN25_SYSTEM_PROMPT when a conversation has no system message, Llama 3.1's adds "Cutting Knowledge
-Date" lines. Ours inserts nothing unless asked: load_tokenizer(dir, system_prompt=QWEN25_SYSTEM_PROMPT)
-(or setting Tok.system_prompt) reproduces Qwen2.5's text exactly. Qwen3's template also wraps the
-last assistant turn in a <think></think> block: not reproduced (write it into the content if wanted).
-
-The text is the template's; the ids can differ from tokenizing that text in one piece only where a
-BPE merge would cross a segment boundary (e.g. content starting with a newline), which is the
-price of an exact mask.
+(no default system prompts or <think> blocks there: Tok.system_prompt inserts one when a
+conversation has none, in every mode).
 """
+import datetime
+import functools
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
@@ -31,6 +55,8 @@ from .formats import DataError, as_messages
 
 QWEN2_SYSTEM_PROMPT = "You are a helpful assistant."
 QWEN25_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+# the named special tokens transformers passes to every template (its SPECIAL_TOKENS_ATTRIBUTES)
+TEMPLATE_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 @dataclass
@@ -40,8 +66,10 @@ class Tok:
     eos_id: int
     pad_id: int
     stop_ids: list = field(default_factory=list)  # generation stops at any of these
-    chat_format: str = "plain"  # "chatml", "llama3" or "plain"
+    chat_format: str = "plain"  # "template" (the tokenizer's chat template), or built-in "chatml", "llama3", "plain"
     system_prompt: str | None = None  # inserted when a conversation starts without a system message
+    chat_template: str | None = None  # the jinja source rendered when chat_format == "template"
+    template_kwargs: dict = field(default_factory=dict)  # its variables: special tokens, then --chat-template-kwargs
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
@@ -63,13 +91,45 @@ def _read_json(path):
     return {}
 
 
-def load_tokenizer(model_dir, chat_format=None, system_prompt=None) -> Tok:
+def _read_template(model_dir, tcfg):
+    """The chat template source: chat_template.jinja wins over tokenizer_config.json (as in
+    transformers); a list of named templates gives its "default"."""
+    path = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    t = tcfg.get("chat_template")
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        if "default" not in named:
+            raise ValueError(f"{model_dir}/tokenizer_config.json: chat templates {sorted(named)} but none named 'default'")
+        t = named["default"]
+    return t or None
+
+
+def _parse_template_kwargs(s):
+    """--chat-template-kwargs: a JSON object (or a dict already) of template variables."""
+    if isinstance(s, dict):
+        return dict(s)
+    try:
+        kw = json.loads(s) if s else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--chat-template-kwargs: invalid JSON ({e.msg} at column {e.colno}): {s!r}") from None
+    if not isinstance(kw, dict):
+        raise ValueError(f"--chat-template-kwargs: expected a JSON object such as '{{\"enable_thinking\": false}}', got {s!r}")
+    return kw
+
+
+def load_tokenizer(model_dir, chat_format=None, system_prompt=None, template_kwargs=None) -> Tok:
     """tokenizer.json plus the special tokens of tokenizer_config.json / generation_config.json /
-    config.json. The chat format is detected from the vocabulary unless given: <|im_start|> ->
-    chatml, <|start_header_id|> -> llama3, else plain (with a warning if the tokenizer has another
-    chat template). eos_id is tokenizer_config's eos_token (else the first eos_token_id); stop_ids
-    adds every eos_token_id and the format's end-of-turn token; bos is tokenizer_config's
-    bos_token or none; pad falls back to eos."""
+    config.json, and the chat template. Rendering: the tokenizer's chat template if it has one
+    (chat_format "template"; template_kwargs: a JSON string or dict of extra template variables),
+    else a built-in format detected from the vocabulary: <|im_start|> -> chatml,
+    <|start_header_id|> -> llama3, else plain. chat_format="chatml"/"llama3"/"plain" forces a
+    built-in one. eos_id is tokenizer_config's eos_token (else the first eos_token_id); stop_ids
+    adds every eos_token_id and the end-of-turn token (the template's, found by rendering a probe
+    conversation, or the built-in format's); bos is tokenizer_config's bos_token or none; pad
+    falls back to eos."""
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir}: no such directory; --model expects a Hugging Face model directory "
@@ -85,9 +145,12 @@ def load_tokenizer(model_dir, chat_format=None, system_prompt=None) -> Tok:
     gcfg = _read_json(os.path.join(model_dir, "generation_config.json"))
     mcfg = _read_json(os.path.join(model_dir, "config.json"))
 
-    def tid(name):
+    def content(name):
         t = tcfg.get(name)
-        t = t.get("content") if isinstance(t, dict) else t
+        return t.get("content") if isinstance(t, dict) else t
+
+    def tid(name):
+        t = content(name)
         return tk.token_to_id(t) if t else None
 
     eos_cfg = gcfg.get("eos_token_id", mcfg.get("eos_token_id"))
@@ -100,14 +163,26 @@ def load_tokenizer(model_dir, chat_format=None, system_prompt=None) -> Tok:
     pad = tid("pad_token")
     pad = pad if pad is not None else mcfg.get("pad_token_id")
     pad = pad if pad is not None else eos
+    stops = list(dict.fromkeys([eos] + eos_list))
+    kwargs = _parse_template_kwargs(template_kwargs)
+    template = None if chat_format else _read_template(model_dir, tcfg)
+    if template is not None:
+        specials = {k: content(k) for k in TEMPLATE_SPECIAL_TOKENS if content(k)}
+        tok = Tok(tk, bos, eos, pad, stops, "template", system_prompt, template, {**specials, **kwargs})
+        try:
+            _compile(template)
+        except Exception as e:  # jinja2.TemplateSyntaxError; jinja2 is imported lazily
+            raise ValueError(f"{model_dir}: the chat template does not compile: {e}") from None
+        end = _template_end_of_turn(tok)
+        tok.stop_ids = list(dict.fromkeys(stops + ([end] if end is not None else [])))
+        return tok
+    if kwargs:
+        raise ValueError(f"{model_dir}: --chat-template-kwargs given, but chats are rendered in a built-in format "
+                         f"({'--chat-format ' + chat_format if chat_format else 'the tokenizer has no chat template'})")
     vocab = tk.get_vocab()
     fmt = chat_format or ("chatml" if "<|im_start|>" in vocab else "llama3" if "<|start_header_id|>" in vocab else "plain")
-    if fmt == "plain" and not chat_format and (tcfg.get("chat_template") or os.path.exists(os.path.join(model_dir, "chat_template.jinja"))):
-        warnings.warn(f"{model_dir}: the tokenizer's chat template is neither ChatML nor Llama-3; rendering chats in the "
-                      "plain 'User: ... Assistant: ...' format (pass --chat-format plain to silence this)")
-    stops = list(dict.fromkeys([eos] + eos_list))
     if fmt not in ("chatml", "llama3", "plain"):
-        raise ValueError(f"chat_format {fmt!r}: expected chatml, llama3 or plain")
+        raise ValueError(f"chat_format {fmt!r}: expected chatml, llama3 or plain (or empty: the tokenizer's chat template)")
     end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(fmt)
     if end is not None:
         if end not in vocab:
@@ -115,6 +190,148 @@ def load_tokenizer(model_dir, chat_format=None, system_prompt=None) -> Tok:
         stops = list(dict.fromkeys(stops + [vocab[end]]))
     return Tok(tk, bos, eos, pad, stops, fmt, system_prompt)
 
+
+# ----------------------------------------------------------------------------- chat templates
+
+@functools.lru_cache(maxsize=8)
+def _compile(source):
+    """The template compiled as transformers compiles it (utils/chat_template_utils.py): an
+    immutable sandbox (templates are code from a download), trim_blocks + lstrip_blocks,
+    loopcontrols, {% generation %} accepted (its body is rendered; our masks need no markers),
+    tojson without HTML escaping, raise_exception, strftime_now, and dict/namespace that cannot
+    reach underscore attributes."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if tuple(int(x) for x in jinja2.__version__.split(".")[:3]) < (3, 1, 6):
+        raise ImportError(f"chat templates need jinja2>=3.1.6 (older sandboxes have known escapes); found {jinja2.__version__}")
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Undefined(jinja2.Undefined):
+        def __str__(self):  # transformers prints "" here; a missing variable must not vanish from the training text
+            self._fail_with_undefined_error()
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):  # jinja's signature trick, so namespace(self=...) works
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
+
+    class Dict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=Undefined,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.datetime.now().strftime(f),
+                       dict=Dict(), namespace=Namespace)
+    return env.from_string(source)
+
+
+def _template_messages(messages):
+    """As transformers prepares them: keys whose value is None dropped; a message's reasoning under
+    any of its names also given as reasoning_content and thinking (the names templates read)."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
+        out.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
+    return out
+
+
+def _render(messages, tok: Tok, add_generation_prompt, where):
+    """The template's text; a template error (raise_exception, a missing variable) -> DataError at `where`."""
+    import jinja2
+
+    try:
+        return _compile(tok.chat_template).render(messages=_template_messages(messages), tools=None, documents=None,
+                                                  add_generation_prompt=add_generation_prompt, **tok.template_kwargs)
+    except jinja2.exceptions.UndefinedError as e:
+        raise DataError(f"{where}: the chat template needs a variable that was not given: {e.message} (pass template "
+                        "variables as JSON with --chat-template-kwargs)") from None
+    except jinja2.exceptions.TemplateError as e:
+        raise DataError(f"{where}: the chat template refused the conversation: {e.message or e}") from None
+
+
+def _template_end_of_turn(tok: Tok):
+    """The first special token the template writes after an assistant answer (e.g. <|im_end|>,
+    <|eot_id|>, </s>), from a probe conversation; None if the probe does not render."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+    try:
+        head, full = _render(probe[:1], tok, True, "probe"), _render(probe, tok, False, "probe")
+    except DataError:
+        return None
+    special = {i for i, t in tok.tokenizer.get_added_tokens_decoder().items() if t.special}
+    enc = tok.tokenizer.encode(full, add_special_tokens=False)
+    start = len(os.path.commonprefix([head, full]))
+    return next((i for i, (s, _) in zip(enc.ids, enc.offsets) if s >= start and i in special), None)
+
+
+def _template_chat(messages, tok: Tok, add_generation_prompt, first, where):
+    """(text, ids, mask) of a conversation rendered with the chat template; mask = 1 on the turns of
+    assistant messages from index `first` on (see the module docstring for the rule)."""
+    text = _render(messages, tok, add_generation_prompt, where)
+    enc = tok.tokenizer.encode(text, add_special_tokens=False)
+    ids, offsets = enc.ids, enc.offsets
+    mask, stops, t = [0] * len(ids), set(tok.stop_ids), 0
+    for k, m in enumerate(messages):
+        if k < first or m["role"] != "assistant":
+            continue
+        if not text.startswith(_render(messages[:k], tok, False, where)):
+            raise DataError(f"{where}: the chat template renders messages 0-{k - 1} differently once later messages "
+                            f"follow (e.g. a system message moved or dropped), so assistant message {k} has no "
+                            "well-defined place in the text; change the conversation (e.g. no system message)")
+        start = len(os.path.commonprefix([_render(messages[:k], tok, True, where), text]))
+        if t > 0 and offsets[t - 1][1] > start:
+            raise DataError(f"{where}: the chat template ends an assistant turn before message {k} with none of the "
+                            f"stop tokens {sorted(stops)}: the model could not learn to stop")
+        while t < len(ids) and offsets[t][1] <= start:
+            t += 1
+        s = t
+        while t < len(ids) and ids[t] not in stops:
+            t += 1
+        after = _render(messages[:k + 1], tok, False, where)  # where it is a prefix, the turn ends within it
+        if t == len(ids) or (text.startswith(after) and offsets[t][1] > len(after)):
+            raise DataError(f"{where}: the chat template ends assistant message {k} with none of the stop tokens "
+                            f"{sorted(stops)}: the model could not learn to stop")
+        t += 1
+        mask[s:t] = [1] * (t - s)
+    return text, ids, mask
+
+
+# ----------------------------------------------------------------------------- built-in formats
 
 def _segments(msg, tok: Tok, first):
     """(ids, trainable) segments of one message in the tokenizer's chat format."""
@@ -142,19 +359,48 @@ def _generation_prompt(tok: Tok, first):
     return ([tok.bos_id] if first and tok.bos_id is not None else []) + tok.encode("Assistant: ")
 
 
-def render_chat(messages, tok: Tok, add_generation_prompt=False):
-    """Token ids of a conversation and its assistant mask (1 = train on this token): ([int], [0/1])."""
+def _chat(messages, tok: Tok, add_generation_prompt=False, first=0, where="a conversation"):
+    """(text, ids, mask) of a conversation: text is the template's rendering (None in a built-in
+    format); mask = 1 on the turns of assistant messages from index `first` on."""
     if tok.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
-        messages = [{"role": "system", "content": tok.system_prompt}] + list(messages)
+        messages, first = [{"role": "system", "content": tok.system_prompt}] + list(messages), first + 1
+    if tok.chat_format == "template":
+        return _template_chat(messages, tok, add_generation_prompt, first, where)
     ids, mask = [], []
     for i, msg in enumerate(messages):
         for seg, train in _segments(msg, tok, i == 0):
             ids += seg
-            mask += [int(train)] * len(seg)
+            mask += [int(train and i >= first)] * len(seg)
     if add_generation_prompt:
         seg = _generation_prompt(tok, not messages)
         ids, mask = ids + seg, mask + [0] * len(seg)
+    return None, ids, mask
+
+
+def render_chat(messages, tok: Tok, add_generation_prompt=False):
+    """Token ids of a conversation and its assistant mask (1 = train on this token): ([int], [0/1])."""
+    _, ids, mask = _chat(messages, tok, add_generation_prompt)
     return ids, mask
+
+
+def _prompt_answer(prompt_msgs, answer, tok: Tok, where):
+    """TRL's rule for a prompt and its answer: (prompt ids with the generation prompt, the answer's
+    ids after them through its last end-of-turn token, and the whole conversation's ids and mask
+    with only the answer's assistant turns masked). The whole rendering must start with the
+    prompt's; where a token straddles their boundary, the answer text is tokenized on its own."""
+    ptext, pids, _ = _chat(prompt_msgs, tok, True, where=where)
+    text, ids, mask = _chat(prompt_msgs + as_messages(answer, "assistant"), tok, first=len(prompt_msgs), where=where)
+    if ptext is not None and not text.startswith(ptext):
+        n = len(os.path.commonprefix([ptext, text]))
+        raise DataError(f"{where}: the chat template renders the prompt (with its generation prompt) differently when "
+                        f"the answer follows: {ptext[n:n + 40]!r} in the prompt vs {text[n:n + 40]!r}, so what the "
+                        "model answers to is not defined")
+    last = max(i for i, m in enumerate(mask) if m) + 1  # the template's separator after it (ChatML's "\n") is not answered
+    if ids[:len(pids)] == pids:
+        return pids, ids[len(pids):last], ids, mask
+    assert ptext is not None, "built-in formats render the prompt's ids as a prefix"
+    rest = tok.encode(text[len(ptext):])
+    return pids, rest[:max(i for i, t in enumerate(rest) if t in tok.stop_ids) + 1], ids, mask
 
 
 def tokenize_sft(example, tok: Tok, max_length, train_on_prompt=False):
@@ -170,12 +416,10 @@ def tokenize_sft(example, tok: Tok, max_length, train_on_prompt=False):
         ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(example["text"]) + [tok.eos_id]
         mask = [1] * len(ids)
     elif "messages" in example:
-        ids, mask = render_chat(example["messages"], tok)
-    else:
-        prompt = as_messages(example["prompt"], "user")
-        ids, mask = render_chat(prompt + as_messages(example["completion"], "assistant"), tok)
-        n = len(render_chat(prompt, tok, add_generation_prompt=True)[0])
-        mask = [0] * n + mask[n:]  # assistant turns inside the prompt are context, not targets
+        _, ids, mask = _chat(example["messages"], tok, where=example.get("where", "an example"))
+    else:  # assistant turns inside the prompt are context, not targets
+        _, _, ids, mask = _prompt_answer(as_messages(example["prompt"], "user"), example["completion"], tok,
+                                         example.get("where", "an example"))
     if train_on_prompt:
         mask = [1] * len(ids)
     ids, mask = ids[:max_length], mask[:max_length]
@@ -198,18 +442,8 @@ def tokenize_prompt(example, tok: Tok, max_prompt_length):
     """Prompt ids (a string is one user turn) ending with the assistant generation prompt, for
     RL and generation; if longer than max_prompt_length the start is cut (the end holds the
     question and the generation prompt) and the BOS kept."""
-    ids, _ = render_chat(as_messages(example["prompt"], "user"), tok, add_generation_prompt=True)
+    _, ids, _ = _chat(as_messages(example["prompt"], "user"), tok, True, where=example.get("where", "a prompt"))
     return _keep_end(ids, max_prompt_length, tok)
-
-
-def _completion(prompt_msgs, completion, tok):
-    """Ids of the assistant completion after the prompt: content + end-of-turn token."""
-    full, mask = render_chat(prompt_msgs + as_messages(completion, "assistant"), tok)
-    start, _ = render_chat(prompt_msgs, tok, add_generation_prompt=True)
-    assert full[:len(start)] == start, "the generation prompt must be a prefix of the rendered answer"
-    ids = full[len(start):]
-    last = max(i for i, m in enumerate(mask[len(start):]) if m) if any(mask[len(start):]) else -1
-    return ids[:last + 1]  # drop the template's trailing separator (chatml's "\n")
 
 
 def tokenize_preference(example, tok: Tok, max_length, max_prompt_length):
@@ -218,14 +452,15 @@ def tokenize_preference(example, tok: Tok, max_length, max_prompt_length):
     Truncation (TRL's rule): if prompt + longer completion exceeds max_length, the prompt keeps
     its last max_prompt_length tokens (and its BOS), then both completions are cut to
     max_length - len(prompt)."""
+    where = example.get("where", "an example")
     prompt_msgs = as_messages(example["prompt"], "user")
-    prompt, _ = render_chat(prompt_msgs, tok, add_generation_prompt=True)
-    chosen, rejected = _completion(prompt_msgs, example["chosen"], tok), _completion(prompt_msgs, example["rejected"], tok)
+    prompt, chosen, _, _ = _prompt_answer(prompt_msgs, example["chosen"], tok, where)
+    _, rejected, _, _ = _prompt_answer(prompt_msgs, example["rejected"], tok, where)
     if len(prompt) + max(len(chosen), len(rejected)) > max_length:
         prompt = _keep_end(prompt, max_prompt_length, tok)
         keep = max_length - len(prompt)
         if keep <= 0:
-            raise DataError(f"{example.get('where', 'an example')}: a prompt of {len(prompt)} tokens leaves no room "
+            raise DataError(f"{where}: a prompt of {len(prompt)} tokens leaves no room "
                             f"for the answers in max_length={max_length} (max_prompt_length={max_prompt_length})")
         chosen, rejected = chosen[:keep], rejected[:keep]
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
