@@ -54,6 +54,7 @@ p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) 
 p.add_argument("--grad-ckpt", type=common._parse_bool, default=False)
 p.add_argument("--chunk-size", type=int, default=common.TrainConfig.chunk_size)
 p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = torch's default")
+p.add_argument("--layers", type=int, default=0, help="override the shape's number of layers (0 = as the shape)")
 p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on every projection (alpha 16); DPO's reference is "
                "then the policy with its adapters off; 0 = full fine-tuning")
 a = p.parse_args()
@@ -64,7 +65,8 @@ cfg = common.TrainConfig(dtype=a.dtype, lr=1e-5, warmup_steps=0, max_steps=10**9
 dist = common.setup(cfg)
 dev = dist.device
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-mcfg = M.ModelConfig.from_hf({"max_position_embeddings": 4 * a.seq_len, "rms_norm_eps": 1e-6, **SHAPES[a.shape]})
+mcfg = M.ModelConfig.from_hf({"max_position_embeddings": 4 * a.seq_len, "rms_norm_eps": 1e-6, **SHAPES[a.shape],
+                              **({"num_hidden_layers": a.layers} if a.layers else {})})
 with torch.device("meta"):  # parameters of the linear layers between the embedding and the LM head
     BODY = sum(p.numel() for n, p in M.Transformer(mcfg).named_parameters() if p.dim() == 2 and n.startswith("model.layers"))
 
@@ -155,7 +157,7 @@ for algo in a.algo.split(","):
     tokens = a.steps * a.batch * a.seq_len * (2 if algo == "dpo" else 1)
     mem = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
-        "algo": algo, "shape": a.shape, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "algo": algo, "shape": a.shape, "layers": mcfg.num_layers, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "dtype": str(dist.autocast_dtype or torch.float32).removeprefix("torch."), "seq_len": a.seq_len, "batch": a.batch,
         "grad_ckpt": a.grad_ckpt, "params_m": round(sum(p.numel() for p in policy.parameters()) / 1e6, 2),
         "lora_r": a.lora_r, "trainable_m": round(sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6, 2),

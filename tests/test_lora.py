@@ -195,11 +195,13 @@ def test_dpo_lora_one_vs_two_processes(pairs, tmp_path):
     assert one.keys() == two.keys() and all(abs(one[k] - two[k]) < 1e-5 for k in one), (one, two)
 
 
-def test_grpo_lora(base, tmp_path):
-    args = ["--model", base, "--out", "o", "--max-steps", "2", "--prompts-per-step", "4", "--group-size", "4",
-            "--max-new-tokens", "6", "--eval-every", "0", "--eval-samples", "8", "--log-every", "1", "--lora-r", "8"]
+def test_ppo_lora_reference_and_critic(base, tmp_path):
+    args = ["--model", base, "--out", "o", "--algo", "ppo", "--beta", "0.05", "--max-steps", "2", "--prompts-per-step", "4",
+            "--group-size", "2", "--max-new-tokens", "6", "--eval-every", "0", "--eval-samples", "8", "--log-every", "1",
+            "--lora-r", "8"]
     run_script("train_ppo.py", args, tmp_path)  # FSDP with the adapters-off reference: test_dpo_lora_one_vs_two_processes
     assert series(tmp_path / "o", "kl")[1] == 0.0  # adapters start at B = 0: the reference is the policy exactly
+    assert sorted(series(tmp_path / "o", "value_loss")) == [1, 2]  # the critic (adapters + score head) trains
     assert os.path.exists(tmp_path / "o" / "adapter" / "adapter_model.safetensors")
 
 
