@@ -47,6 +47,7 @@ import datetime
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
@@ -191,7 +192,7 @@ def _compile(source):
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    if tuple(int(x) for x in jinja2.__version__.split(".")[:3]) < (3, 1, 6):
+    if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
         raise ImportError(f"chat templates need jinja2>=3.1.6 (older sandboxes have known escapes); found {jinja2.__version__}")
 
     class Generation(jinja2.ext.Extension):
