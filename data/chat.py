@@ -47,6 +47,7 @@ import datetime
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
@@ -204,7 +205,7 @@ def _compile(source):
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    if tuple(int(x) for x in jinja2.__version__.split(".")[:3]) < (3, 1, 6):
+    if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
         raise ImportError(f"chat templates need jinja2>=3.1.6 (older sandboxes have known escapes); found {jinja2.__version__}")
 
     class Generation(jinja2.ext.Extension):
@@ -279,10 +280,12 @@ def _render(messages, tok: Tok, add_generation_prompt, where):
         return _compile(tok.chat_template).render(messages=_template_messages(messages), tools=None, documents=None,
                                                   add_generation_prompt=add_generation_prompt, **tok.template_kwargs)
     except jinja2.exceptions.UndefinedError as e:
-        raise DataError(f"{where}: the chat template needs a variable that was not given: {e.message} (pass template "
-                        "variables as JSON with --chat-template-kwargs)") from None
-    except jinja2.exceptions.TemplateError as e:
+        raise DataError(f"{where}: the chat template uses something not given: {e.message} (template variables go in "
+                        "--chat-template-kwargs as JSON)") from None
+    except jinja2.exceptions.TemplateError as e:  # raise_exception(...), a sandbox refusal
         raise DataError(f"{where}: the chat template refused the conversation: {e.message or e}") from None
+    except Exception as e:  # a Python error inside the template (e.g. a string method on a number)
+        raise DataError(f"{where}: the chat template failed on this conversation: {type(e).__name__}: {e}") from None
 
 
 def _template_end_of_turn(tok: Tok):
