@@ -79,9 +79,9 @@ def plan(script, script_args, seeds, nproc=1, name="", root="runs"):
     """Every run of the sweep, in order (variants in the order their values were given, seeds
     innermost). A pure function: it builds commands and paths, and runs nothing."""
     flags = split_flags(script_args)
-    for reserved in ("out", "seed"):
+    for reserved, instead in (("out", "--name and --root"), ("seed", "--seeds")):
         if reserved in (n for n, _ in flags):
-            raise SystemExit(f"sweep.py: --{reserved} is set by the sweep (use --name / --seeds)")
+            raise SystemExit(f"sweep.py: the sweep sets each run's --{reserved}; use {instead}")
     axes = [(n, axis_values(v)) for n, v in flags if v is not None and len(axis_values(v)) > 1]
     fixed = [(n, v) for n, v in flags if v is None or len(axis_values(v)) == 1]
     stem = os.path.splitext(os.path.basename(script))[0].removeprefix("train_")
@@ -262,35 +262,55 @@ def machine(nproc):
     return f"{hw}; torch {torch.__version__}; {nproc} process{'es' if nproc > 1 else ''} per run"
 
 
+def table(rows, metrics):
+    """The markdown table of aggregate()'s rows, and below it the failed runs with their errors."""
+    lines = ["| variant | n | " + " | ".join(metrics) + " | wall time (s) |", "|---|---|" + "---|" * (len(metrics) + 1)]
+    for row in rows:
+        n = len(row["seeds"])
+        total = n + len(row["failed"]) + len(row["pending"])
+        none = {"n": 0}  # a metric this sweep did not tabulate
+        cells = [fmt(row["metrics"].get(m, none), n) for m in metrics] + [fmt(row["wall"], n, 1)]
+        lines.append(f"| {row['variant']} | {n}" + (f" of {total}" if n < total else "") + " | " + " | ".join(cells) + " |")
+    failed = [f for row in rows for f in row["failed"]]
+    if failed:
+        lines += ["", "Failed runs (log.txt in each directory):", "", "| run | exit code | error |", "|---|---|---|"]
+        lines += [f"| {f['dir']} | {f['returncode']} | {f['error'].replace('|', '/')} |" for f in failed]
+    pending = [f"{row['variant']},seed={s}" for row in rows for s in row["pending"]]
+    if pending:
+        lines += ["", "Not run yet: " + ", ".join(pending)]
+    return lines
+
+
+CAPTION = ("Final value of each metric (its last logged record), mean ± sample standard deviation (n - 1) "
+           "over seeds; n = finished runs.")
+
+
 def write_results(sweep_dir, rows, metrics, command, machine_text):
     with open(os.path.join(sweep_dir, "results.jsonl"), "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    lines = [f"`{command}`", "",
-             f"{machine_text}. Final value of each metric (its last logged record), mean ± sample "
-             "standard deviation (n - 1) over seeds; n = finished runs.", "",
-             "| variant | n | " + " | ".join(metrics) + " | wall time (s) |",
-             "|---|---|" + "---|" * (len(metrics) + 1)]
-    for row in rows:
-        n = len(row["seeds"])
-        total = n + len(row["failed"]) + len(row["pending"])
-        cells = [fmt(row["metrics"][m], n) for m in metrics] + [fmt(row["wall"], n, 1)]
-        lines.append(f"| {row['variant']} | {n}" + (f" of {total}" if n < total else "") + " | " + " | ".join(cells) + " |")
-    failed = [(row["variant"], f) for row in rows for f in row["failed"]]
-    if failed:
-        lines += ["", "Failed runs (log.txt in each directory):", "", "| run | exit code | error |", "|---|---|---|"]
-        lines += [f"| {f['dir']} | {f['returncode']} | {f['error'].replace('|', '/')} |" for _, f in failed]
-    pending = [f"{row['variant']},seed={s}" for row in rows for s in row["pending"]]
-    if pending:
-        lines += ["", "Not run yet: " + ", ".join(pending)]
+    lines = [f"`{command}`", "", f"{machine_text}. {CAPTION}", ""] + table(rows, metrics)
     with open(os.path.join(sweep_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
+def combined_table(sweep_dirs, metrics):
+    """One table over several finished sweeps (their results.jsonl), rows named sweep: variant."""
+    rows = []
+    for d in sweep_dirs:
+        with open(os.path.join(d, "results.jsonl")) as f:
+            for line in f:
+                row = json.loads(line)
+                row["variant"] = f"{os.path.basename(os.path.normpath(d)).removeprefix('sweep-')}: {row['variant']}"
+                rows.append(row)
+    return "\n".join([CAPTION, ""] + table(rows, metrics)) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], usage="python sweep.py SCRIPT [sweep options] [script flags]",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("script")
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                allow_abbrev=False)  # else the script's --seed would be taken for --seeds
+    p.add_argument("script", nargs="?")
     p.add_argument("--seeds", default="0,1,2", help="comma list of --seed values")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
@@ -299,7 +319,13 @@ def main(argv=None):
     p.add_argument("--metrics", default="eval/accuracy", help="comma list of metrics.jsonl keys to tabulate")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md/.jsonl from what is on disk; run nothing")
     p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
+    p.add_argument("--table", nargs="+", metavar="SWEEP_DIR", help="print one table over these finished sweeps; run nothing")
     args, script_args = p.parse_known_args(argv)
+    if args.table:
+        print(combined_table(args.table, args.metrics.split(",")), end="")
+        return
+    if not args.script:
+        p.error("SCRIPT is required (or --table)")
     seeds = [int(s) for s in args.seeds.split(",")]
     metrics = args.metrics.split(",")
     sweep_dir, runs = plan(args.script, script_args, seeds, args.nproc, args.name, args.root)

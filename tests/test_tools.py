@@ -70,6 +70,9 @@ def test_sweep_runs_aggregates_resumes_and_records_failures(tmp_path, capsys):
     assert (d / "lr=1,seed=0" / "run.json").read_text() == kept
     assert not (cut / "stale").exists() and json.loads((cut / "run.json").read_text())["returncode"] == 0
 
+    # several sweeps in one table (the README's), from their results.jsonl
+    assert "| s: lr=1 | 3 | 0.110 ± 0.010 | - | 0." in sweep.combined_table([d], ["eval/accuracy", "reward"])
+
     # the same name with another fixed flag is refused, not mixed into the table
     with pytest.raises(SystemExit, match="another command"):
         sweep.main([a if a != "t" else "u" for a in args])
