@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass
 
 RUN_FILE = "run.json"  # written by the sweep when a run exits; exit 0 = finished
-SEED_AXIS = "seed"
 
 
 @dataclass
@@ -97,7 +96,7 @@ def plan(script, script_args, seeds, nproc=1, name="", root="runs"):
         variant = ",".join(f"{n}={v}" for n, v in values.items()) or "defaults"
         for seed in seeds:
             # a value holding "/" (a path) cannot be part of a directory name
-            d = os.path.join(sweep_dir, (variant.replace("/", "_") + "," if values else "") + f"{SEED_AXIS}={seed}")
+            d = os.path.join(sweep_dir, (variant.replace("/", "_") + "," if values else "") + f"seed={seed}")
             argv = launcher + base + [x for n, v in values.items() for x in (f"--{n}", v)] + ["--seed", str(seed), "--out", d]
             runs.append(Run(variant, values, seed, d, argv))
     return sweep_dir, runs
