@@ -11,6 +11,7 @@ here only, not for training: pip install matplotlib.
 """
 import argparse
 import os
+import re
 import statistics
 import sys
 
@@ -31,7 +32,10 @@ def find_runs(paths):
                 raise SystemExit(f"plot.py: no metrics.jsonl in {path} or its subdirectories")
         for run in runs:
             st = read_status(run)
-            label = st["variant"] if st else os.path.normpath(run)
+            # a sweep's run still going (no run.json yet) joins its variant, named in its directory
+            name = os.path.basename(os.path.normpath(run))
+            unfinished = re.fullmatch(r"(.*?),?seed=-?\d+", name) if len(runs) > 1 else None
+            label = st["variant"] if st else (unfinished.group(1) or "defaults") if unfinished else os.path.normpath(run)
             if len(paths) > 1 and st:  # variants of different sweeps may share a name
                 label = f"{os.path.basename(os.path.normpath(path))}: {label}"
             groups.setdefault(label, []).append(run)
