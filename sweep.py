@@ -22,7 +22,6 @@ of their own sampling and batch order, not of the SFT model's.
 import argparse
 import itertools
 import json
-import math
 import os
 import platform
 import shutil
@@ -195,11 +194,10 @@ def execute(runs, parallel=1, on_change=None):
 
 
 def mean_std(values):
-    """(mean, sample std with n - 1, n); std is nan for n < 2."""
+    """(mean, sample std with n - 1, n); None where undefined (no values; std of one), which
+    results.jsonl writes as null."""
     n = len(values)
-    if n == 0:
-        return math.nan, math.nan, 0
-    return statistics.fmean(values), statistics.stdev(values) if n > 1 else math.nan, n
+    return (statistics.fmean(values) if n else None), (statistics.stdev(values) if n > 1 else None), n
 
 
 def final_value(records, metric):

@@ -78,6 +78,13 @@ def test_sweep_runs_aggregates_resumes_and_records_failures(tmp_path, capsys):
         sweep.main([a if a != "t" else "u" for a in args])
 
 
+def test_mean_and_sample_std():
+    m, s, n = sweep.mean_std([0.5, 0.7, 0.9])
+    assert (m, s, n) == (pytest.approx(0.7), pytest.approx(0.2), 3)  # sqrt((0.04 + 0 + 0.04) / 2)
+    assert sweep.mean_std([0.5]) == (0.5, None, 1) and sweep.mean_std([]) == (None, None, 0)
+    assert sweep.fmt({"mean": 0.5, "std": None, "n": 1}, 2) == "0.500 (n=1)"
+
+
 def test_error_line_of_a_torchrun_log():
     log = ("step 1/10\nTraceback (most recent call last):\n  File \"x.py\", line 3\nFloatingPointError: step 3: loss is nan\n"
            "E1125 error_file: <N/A>\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
