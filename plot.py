@@ -36,7 +36,7 @@ def find_runs(paths):
             name = os.path.basename(os.path.normpath(run))
             unfinished = re.fullmatch(r"(.*?),?seed=-?\d+", name) if len(runs) > 1 else None
             label = st["variant"] if st else (unfinished.group(1) or "defaults") if unfinished else os.path.normpath(run)
-            if len(paths) > 1 and st:  # variants of different sweeps may share a name
+            if len(paths) > 1 and (st or unfinished):  # variants of different sweeps may share a name
                 label = f"{os.path.basename(os.path.normpath(path))}: {label}"
             groups.setdefault(label, []).append(run)
     return groups
