@@ -71,6 +71,7 @@ class TrainConfig:
     lora_dropout: float = 0.0  # on the adapters' input (PEFT's default; >0 makes runs depend on the RNG)
     lora_targets: str = "all-linear"  # PEFT target_modules: leaf names (q_proj,v_proj; GPT-2: c_attn,c_proj,c_fc)
     use_rslora: bool = False  # scaling = alpha / sqrt(r) (rsLoRA)
+    report_to: str = ""       # wandb and/or tensorboard (comma list): metrics.jsonl's records there too, from rank 0
 
     # Allowed values of the numeric flags as intervals; a numeric flag not listed must be >= 0.
     # Scripts extend it: RANGES = {**common.TrainConfig.RANGES, "beta": "(0, inf)"}.
@@ -173,6 +174,8 @@ def setup(cfg: TrainConfig) -> Dist:
         atexit.register(_leave_process_group)
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype!r}")
+    if not set(filter(None, cfg.report_to.split(","))) <= {"wandb", "tensorboard"}:
+        raise ValueError(f"--report-to must be a comma list of wandb, tensorboard; got {cfg.report_to!r}")
     check_out(cfg)
     # bf16 on CPUs without native bf16 is ~70x slower than fp32 (measured on the 2-core EPYC dev box),
     # so "auto" means fp32 there.
@@ -329,7 +332,7 @@ def check_finite(value: float, step: int, what="loss"):
 # and activation checkpointing (same arithmetic, less memory), not what it computes. --max-steps may
 # change too, as long as the checkpoint's step is not past it (checked in check_out).
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "stop_after", "save_every", "log_every", "eval_every",
-                     "eval_samples", "record_rollout", "grad_ckpt")
+                     "eval_samples", "record_rollout", "grad_ckpt", "report_to")
 
 
 def check_out(cfg: TrainConfig):
@@ -585,6 +588,7 @@ class Logger:
             with writing(cfg.out):
                 start_out(cfg, start_step)
             self.file = open(self.path, "a", encoding="utf-8")
+        self.writers = _report_writers(cfg, start_step) if self.main else []
 
     def log(self, step, metrics: dict, tokens=0):
         """`tokens`: tokens processed by all ranks since the last call that passed tokens."""
@@ -598,10 +602,44 @@ class Logger:
         with writing(self.path):
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        for write in self.writers:
+            write(step, {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "step")
         done = step - self.start_step
         eta = int((now - self.start) / done * (self.max_steps - step)) if done > 0 else 0
         print(f"step {step}/{self.max_steps}  {shown}  eta {eta // 60}m{eta % 60:02d}s", flush=True)
+
+
+def _report_writers(cfg: TrainConfig, start_step):
+    """--report-to: one write(step, scalars) function per service. The libraries are imported only
+    here, when asked for; they are not dependencies of nanotrl."""
+    writers = []
+    for name in filter(None, cfg.report_to.split(",")):  # names checked in setup(), on every rank
+        if name == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError(f"--report-to tensorboard needs the tensorboard package (pip install tensorboard): {e}") from e
+            # purge_step: a resumed run hides what the interrupted one logged after its checkpoint,
+            # as metrics.jsonl drops those lines
+            tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+            def write(step, scalars, tb=tb):
+                for k, v in scalars.items():
+                    tb.add_scalar(k, v, step)
+                tb.flush()  # like metrics.jsonl: a killed run keeps what it logged
+            writers.append(write)
+            atexit.register(tb.close)
+        elif name == "wandb":
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError(f"--report-to wandb needs the wandb package (pip install wandb): {e}") from e
+            # project, entity and WANDB_MODE=offline come from wandb's own environment variables
+            run = wandb.init(name=os.path.basename(os.path.normpath(cfg.out)), dir=cfg.out, config=dataclasses.asdict(cfg))
+            writers.append(lambda step, scalars, run=run: run.log(scalars, step=step))
+            atexit.register(run.finish)
+    return writers
 
 
 # ----------------------------------------------------------------------------- forward helpers
