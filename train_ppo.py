@@ -4,7 +4,7 @@ online DPO, one loop.
 
     torchrun --standalone --nproc_per_node 2 train_ppo.py                 # GRPO on the built-in task
     torchrun --standalone --nproc_per_node 2 train_ppo.py --algo ppo
-    torchrun --standalone --nproc_per_node 2 train_ppo.py --importance-level sequence --clip-eps 3e-4 \
+    torchrun --standalone --nproc_per_node 2 train_ppo.py --importance-level sequence --clip-eps 3e-4 \\
         --clip-eps-high 4e-4 --loss-agg grpo --beta 0                    # GSPO
     torchrun --nproc_per_node 8 train_ppo.py --model Qwen2.5-0.5B-Instruct --data gsm8k_rl.jsonl \\
         --reward-fn data.prepare_gsm8k:gsm8k_reward --max-new-tokens 512 --lr 1e-6
@@ -131,16 +131,17 @@ def online_dpo_objective(logps, ref_logps, pref, mask, dist, cfg):
     if cfg.dpo_loss in ("ipo", "sigmoid_norm"):  # defined on average per-token log-probs
         n = mask.sum(-1).clamp(min=1)
         seq, ref_seq = seq / n, ref_seq / n
-    first = pref.view(-1, 2)[:, 0]
-    chosen_first, valid = first > 0, (first != 0).float()
-    pick = lambda x, c: torch.where(chosen_first == c, x.view(-1, 2)[:, 0], x.view(-1, 2)[:, 1])  # noqa: E731
-    per_pair, cr, rr = losses.dpo_loss(pick(seq, True), pick(seq, False), pick(ref_seq, True), pick(ref_seq, False),
-                                       cfg.beta, cfg.dpo_loss)
-    n_pairs = common.all_sum(valid.sum().item(), dist) / dist.world
-    loss = (per_pair * valid).sum() / max(n_pairs, 1e-8)
-    k = valid.sum().clamp(min=1)
-    return loss, {"pairs": valid.sum(), "rewards/margins": ((cr - rr) * valid).sum() / k,
-                  "rewards/accuracies": ((cr > rr).float() * valid).sum() / k}
+    first = pref.view(-1, 2)[:, :1]
+    keep = first[:, 0] != 0  # ties are dropped before the loss (AOT's sorting must not see them)
+    col = (first < 0).long()  # [pairs, 1]: which row of the pair is the chosen one
+    chosen = [x.view(-1, 2).gather(1, col).squeeze(1)[keep] for x in (seq, ref_seq)]
+    rejected = [x.view(-1, 2).gather(1, 1 - col).squeeze(1)[keep] for x in (seq, ref_seq)]
+    per_pair, cr, rr = losses.dpo_loss(chosen[0], rejected[0], chosen[1], rejected[1], cfg.beta, cfg.dpo_loss)
+    n_pairs = common.all_sum(keep.sum().item(), dist) / dist.world
+    loss = per_pair.sum() / max(n_pairs, 1e-8)
+    k = max(len(per_pair), 1)
+    return loss, {"pairs": float(len(per_pair)), "rewards/margins": (cr - rr).sum().item() / k,
+                  "rewards/accuracies": (cr > rr).float().sum().item() / k}
 
 
 def completion_values(critic, seqs, attn, P, dist):
@@ -335,7 +336,7 @@ def main(cfg: PPOConfig):
                     kl_term = losses.policy_gradient_loss(losses.kl_penalty(logps, ref_logps[mb], kl_estimator), m, **agg)
                     loss = loss + cfg.beta * kl_term
                 loss.backward()
-                st = {k2: v.item() for k2, v in st.items()}
+                st = {k2: float(v) for k2, v in st.items()}
                 st["policy_loss"] = pg_loss.item()
                 st["grad_norm"] = common.optimizer_step(policy, opt, step, cfg)
                 if critic is not None:
