@@ -202,7 +202,7 @@ def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):
       beta = 1      KL(S || T)   reverse KL, mode seeking (MiniLLM, Gu et al., 2024)
       otherwise     beta * KL(T || M) + (1 - beta) * KL(S || M)
     (beta -> 0 in the general formula tends to 0, not to KL(T || S): the ends are defined
-    separately, as in the paper's code and TRL's GKDTrainer.) log M is a logsumexp of the two
+    separately, as TRL's GKDTrainer does.) log M is a logsumexp of the two
     log-probs, so nothing is computed outside log space.
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
