@@ -99,8 +99,8 @@ def student_rows(student, prompts, tok, dist, cfg, step):
 
 
 def distill_loss(student, teacher, batch, dist, cfg):
-    """Per-position generalized JSD [n] at the batch's loss positions (labels are completion
-    tokens), and n. The teacher's last hidden states at those positions come first, without
+    """Per-position generalized JSD [n] at the batch's n loss positions (those whose labels are
+    completion tokens). The teacher's last hidden states at those positions come first, without
     gradient; then the student's forward computes the divergence inside its head, where FSDP has
     the student's head gathered. The teacher's head weight is all-gathered once (one [V, D]
     matrix, not the model)."""
@@ -116,7 +116,7 @@ def distill_loss(student, teacher, batch, dist, cfg):
                                                   cfg.chunk_size)
 
     with common.autocast(dist):  # right-padded rows: causal attention needs no mask (see common.token_logps)
-        return student(b["input_ids"], None, b["position_ids"], head_fn=head), sel.sum().item()
+        return student(b["input_ids"], None, b["position_ids"], head_fn=head)
 
 
 def main(cfg: DistillConfig):
@@ -191,7 +191,7 @@ def main(cfg: DistillConfig):
         for i, b in enumerate(micro):
             if dist.world > 1:  # reduce-scatter gradients only after the last micro-batch
                 student.set_requires_gradient_sync(i == len(micro) - 1)
-            per_position, _ = distill_loss(student, teacher, b, dist, cfg)
+            per_position = distill_loss(student, teacher, b, dist, cfg)
             loss = per_position.sum() / n_tokens
             (loss * dist.world).backward()  # FSDP averages gradients over ranks: make it a sum
             step_loss += loss.item()
