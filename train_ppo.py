@@ -74,6 +74,7 @@ class PPOConfig(common.TrainConfig):
     sapo_tau_pos: float = 1.0    # --loss sapo: gate temperature for positive advantages
     sapo_tau_neg: float = 1.05   # --loss sapo: ... and for negative ones
     dpo_loss: str = "sigmoid"    # --algo online_dpo: a losses.DPO_LOSS_TYPES entry
+    rpo_alpha: float = 1.0       # --algo online_dpo: + rpo_alpha * NLL(chosen), as train_dpo.py; 0 = plain online DPO (TRL)
     clip_eps: float = 0.2
     clip_eps_high: float = 0.0   # DAPO clip-higher; 0 = same as clip_eps
     loss_agg: str = "dapo"       # grpo | dr_grpo | dapo
@@ -139,6 +140,10 @@ def online_dpo_objective(logps, ref_logps, pref, mask, dist, cfg):
     per_pair, cr, rr = losses.dpo_loss(chosen[0], rejected[0], chosen[1], rejected[1], cfg.beta, cfg.dpo_loss)
     n_pairs = common.all_sum(keep.sum().item(), dist) / dist.world
     loss = per_pair.sum() / max(n_pairs, 1e-8)
+    if cfg.rpo_alpha:  # RPO's NLL of the chosen completions, a token mean over all ranks (see train_dpo.py)
+        chosen_rows = pref > 0
+        n_tok = common.all_sum(mask[chosen_rows].sum().item(), dist) / dist.world
+        loss = loss - cfg.rpo_alpha * (logps * mask)[chosen_rows].sum() / max(n_tok, 1e-8)
     k = max(len(per_pair), 1)
     return loss, {"pairs": float(len(per_pair)), "rewards/margins": (cr - rr).sum().item() / k,
                   "rewards/accuracies": (cr > rr).float().sum().item() / k}
