@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Token log-probs
@@ -129,6 +130,32 @@ def entropy_from_hidden(hidden, lm_head_weight, chunk_size=256):
     return torch.cat(chunks).view(hidden.shape[:-1])
 
 
+def generalized_jsd_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, beta=0.5,
+                                temperature=1.0, chunk_size=256):
+    """`generalized_jsd` of two models at the same positions, from their last hidden states,
+    a chunk of positions at a time.
+
+    student_hidden [N, Ds], student_weight [V, Ds], teacher_hidden [N, Dt], teacher_weight [V, Dt]
+    -> per-position divergence [N] fp32. The models may differ in width; they share the vocabulary.
+
+    Each chunk runs under activation checkpointing: its [chunk, V] logits of both models (and
+    their softmaxes) are freed after the forward and recomputed, one chunk at a time, in the
+    backward. Peak extra memory is O(chunk_size * V) instead of the O(N * V) per model that
+    autograd would otherwise keep alive. Gradients flow to the student's hidden states and
+    weight only (pass the teacher's detached).
+    """
+    dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+
+    def chunk(hs, ws, ht, wt):
+        with _no_autocast(hs):
+            return generalized_jsd(hs.to(dtype) @ ws.to(dtype).T, ht.to(dtype) @ wt.to(dtype).T, beta, temperature)
+
+    out = [torch.utils.checkpoint.checkpoint(chunk, student_hidden[s:s + chunk_size], student_weight,
+                                             teacher_hidden[s:s + chunk_size], teacher_weight, use_reentrant=False)
+           for s in range(0, student_hidden.shape[0], chunk_size)]
+    return torch.cat(out) if out else student_hidden.new_zeros(0, dtype=dtype)
+
+
 def entropy_from_logits(logits):
     """Entropy of softmax(logits) in nats, in fp32: logits [..., V] -> [...].
 
@@ -159,15 +186,46 @@ def sft_loss(logps, mask, num_tokens):
 
 
 # ---------------------------------------------------------------------------------------------
+# Distillation
+# ---------------------------------------------------------------------------------------------
+
+
+def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):
+    """The generalized Jensen-Shannon divergence of GKD (Agarwal et al., 2024, "On-Policy
+    Distillation of Language Models", eq. 1), per position, summed over the vocabulary.
+
+    student_logits, teacher_logits [..., V] -> [...] fp32 (no reduction over positions).
+
+    With S = softmax(student / temperature), T = softmax(teacher / temperature) and the mixture
+    M = (1 - beta) S + beta T:
+      beta = 0      KL(T || S)   forward KL, supervised KD (Hinton et al., 2015)
+      beta = 1      KL(S || T)   reverse KL, mode seeking (MiniLLM, Gu et al., 2024)
+      otherwise     beta * KL(T || M) + (1 - beta) * KL(S || M)
+    (beta -> 0 in the general formula tends to 0, not to KL(T || S): the ends are defined
+    separately, as TRL's GKDTrainer does.) log M is a logsumexp of the two
+    log-probs, so nothing is computed outside log space.
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    if beta == 0:
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1)
+    m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
+    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Preference optimisation (offline)
 # ---------------------------------------------------------------------------------------------
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "nca_pair", "bco_pair", "sppo_hard",
-                  "apo_zero", "apo_down", "exo_pair")
+                  "apo_zero", "apo_down", "exo_pair", "sigmoid_norm", "aot", "aot_pair", "discopop")
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
-             loss_type="sigmoid", label_smoothing=0.0, delta=0.0):
+             loss_type="sigmoid", label_smoothing=0.0, delta=0.0, discopop_tau=0.05):
     """The DPO family of pairwise losses, with TRL's formulas (`DPOTrainer.dpo_loss`).
 
     All inputs [B] (sequence log-probs of the policy and the frozen reference; pass zeros for the
@@ -194,6 +252,17 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
       apo_down  sigmoid(beta r_w) + (1 - sigmoid(beta m)), APO-down, same paper
       exo_pair  KL(Bernoulli(sigmoid(beta m)) || Bernoulli(1-e)), EXO eq. 16, Ji et al. 2024;
                 e = label_smoothing, or 1e-3 when it is 0 (as in TRL)
+      sigmoid_norm  -logsigmoid(beta m) on AVERAGE per-token log-probs (pass them, as for IPO):
+                length-normalised DPO, the SimPO paper's length argument (Meng et al. 2024) with
+                the reference kept; TRL's "sigmoid_norm"
+      aot       cDPO's formula on d = sort(c - r) - sort(ref_c - ref_r), each sorted over the
+                batch: the policy's distribution of log-odds must dominate the reference's
+                quantile by quantile (AOT, Melnyk et al. 2024; TRL's "aot")
+      aot_pair  the same on d = sort(r_w) - sort(r_l): chosen log-ratios dominate rejected ones
+                without using the pairing (TRL's "aot_unpaired"). For both AOT types, losses[i]
+                belongs to the i-th quantile, not to pair i; only the mean means anything
+      discopop  (1 - s) * (-logsigmoid(beta m)) + s * exp(-beta m), s = sigmoid(beta m / tau),
+                tau = discopop_tau: DiscoPOP's log-ratio modulated loss (Lu et al. 2024, eq. 5)
     """
     chosen_logratios = chosen_logps - ref_chosen_logps
     rejected_logratios = rejected_logps - ref_rejected_logps
@@ -225,6 +294,17 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
         eps = ls if ls > 0 else 1e-3  # the target must not be exactly 0/1, or its log is -inf
         losses = (torch.sigmoid(beta * logits) * (F.logsigmoid(beta * logits) - math.log(1 - eps))
                   + torch.sigmoid(-beta * logits) * (F.logsigmoid(-beta * logits) - math.log(eps)))
+    elif loss_type == "sigmoid_norm":
+        losses = -F.logsigmoid(beta * logits)
+    elif loss_type in ("aot", "aot_pair"):
+        if loss_type == "aot":
+            d = (chosen_logps - rejected_logps).sort().values - (ref_chosen_logps - ref_rejected_logps).sort().values
+        else:
+            d = chosen_logratios.sort().values - rejected_logratios.sort().values
+        losses = -F.logsigmoid(beta * d) * (1 - ls) - F.logsigmoid(-beta * d) * ls
+    elif loss_type == "discopop":
+        s = torch.sigmoid(beta * logits / discopop_tau)
+        losses = (1 - s) * -F.logsigmoid(beta * logits) + s * torch.exp(-beta * logits)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
@@ -346,16 +426,21 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1e-8)
 
 
-def masked_whiten(x, mask, shift_mean=True):
+def masked_whiten(x, mask, shift_mean=True, mean=None, var=None):
     """Normalise x to zero mean and unit variance over the masked positions (as TRL).
 
     x, mask [B, T] -> [B, T], zero outside the mask. The variance is unbiased (n - 1); with
-    shift_mean=False the original mean is added back (only the scale changes).
+    shift_mean=False the original mean is added back (only the scale changes). `mean` and `var`
+    (floats or 0-d tensors) replace the moments of this x: pass those of the whole global batch
+    to whiten every rank's share alike (REINFORCE++).
     """
     mask = mask.to(x.dtype)
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
+    if mean is None:
+        mean = masked_mean(x, mask)
+    if var is None:
+        n = mask.sum()
+        var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
+    var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -385,6 +470,24 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
         advantages[:, t] = next_adv
         next_value = values[:, t]
     return advantages, (advantages + values) * mask
+
+
+def discounted_returns(rewards, mask, gamma=1.0):
+    """Returns-to-go of right-padded per-token rewards: G_t = r_t + gamma * G_{t+1}, zero after the
+    last valid token. rewards, mask [B, T] -> [B, T], zero outside the mask.
+
+    REINFORCE++'s advantages before normalisation (Hu, 2025): with the KL penalty in the
+    per-token rewards and the (baselined) score on the last token, G_t is the score minus the
+    KL still to come from token t on. `gae` with lam = 1 and zero values is the same thing.
+    """
+    mask = mask.to(rewards.dtype)
+    rewards = rewards * mask
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        out[:, t] = running
+    return out
 
 
 def group_advantages(rewards, group_size, scale=True, eps=1e-4):
@@ -443,7 +546,7 @@ def policy_gradient_loss(per_token_loss, mask, agg="dapo", max_len=None, num_tok
 
 
 def ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_high=None,
-                    agg="dapo", max_len=None, num_tokens=None):
+                    agg="dapo", max_len=None, num_tokens=None, level="token"):
     """PPO's clipped surrogate objective (Schulman et al., 2017), as a loss to minimise.
 
     logps [B, T] current policy; old_logps [B, T] detached, from the policy that sampled;
@@ -456,11 +559,20 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_h
     The per-token loss is reduced by `policy_gradient_loss(agg, max_len, num_tokens)`: the default
     "dapo" is the token mean over the mask (PPO); GRPO uses agg="grpo" or "dr_grpo".
 
+    level="sequence" is GSPO (Zheng et al., 2025, eq. 7): the log-ratio is first replaced by its
+    mean over each sequence's masked tokens, s_i = exp(mean_t log_ratio), so a sequence is
+    clipped (or not) as a whole and every token of it gets the same weight s_i. GSPO's clip
+    ranges are therefore tiny (3e-4 / 4e-4 in the paper) and its aggregation is agg="grpo".
+
     stats: clipfrac (fraction of tokens where the clipped term is active), approx_kl (the k3
     estimator of KL(old || new), >= 0), ratio_mean.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logps - old_logps
+    if level == "sequence":
+        log_ratio = masked_mean(log_ratio, mask, dim=-1)[:, None].expand_as(log_ratio)
+    elif level != "token":
+        raise ValueError(f"unknown level {level!r}; expected 'token' or 'sequence'")
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
@@ -471,6 +583,51 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_h
             "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
+    return loss, stats
+
+
+def cispo_loss(logps, old_logps, advantages, mask, max_ratio=5.0, agg="dapo", max_len=None, num_tokens=None):
+    """CISPO (MiniMax-M1, 2025): REINFORCE with a clipped, stop-gradient importance weight.
+
+    logps [B, T] current policy; old_logps [B, T] detached; advantages [B, T]; mask [B, T]
+    -> (loss scalar, stats dict of detached scalars).
+
+      per-token loss = -sg(min(ratio, max_ratio)) * A * logps,   ratio = exp(logps - old_logps)
+    Unlike PPO's clip, which zeroes the gradient of clipped tokens, every token keeps its
+    gradient A * grad(logps); only its weight is capped (TRL: loss_type="cispo", epsilon_high
+    as max_ratio). Reduced by `policy_gradient_loss` (DAPO's token mean, as in the paper).
+    stats: clipfrac (fraction of tokens whose weight was capped), ratio_mean.
+    """
+    ratio = torch.exp(logps - old_logps)
+    weight = torch.clamp(ratio, max=max_ratio).detach()
+    loss = policy_gradient_loss(-weight * advantages * logps, mask, agg, max_len, num_tokens)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((ratio > max_ratio).to(ratio.dtype), mask),
+                 "ratio_mean": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def sapo_loss(logps, old_logps, advantages, mask, tau_pos=1.0, tau_neg=1.05, agg="grpo", max_len=None,
+              num_tokens=None):
+    """SAPO (Gao et al., 2025, "Soft Adaptive Policy Optimization"): a smooth sigmoid gate in
+    place of PPO's hard clip.
+
+    logps [B, T] current policy; old_logps [B, T] detached; advantages [B, T]; mask [B, T]
+    -> (loss scalar, stats dict of detached scalars).
+
+      per-token loss = -sigmoid(tau * (ratio - 1)) * 4 / tau * A,   tau = tau_pos if A > 0 else tau_neg
+    At ratio = 1 the gate's gradient is exactly A * grad(logps) (sigmoid'(0) * 4 = 1), as in
+    PPO; away from 1 it decays smoothly instead of dropping to 0. The larger tau_neg damps
+    negative-advantage tokens faster (TRL: loss_type="sapo", sapo_temperature_pos/neg).
+    stats: ratio_mean.
+    """
+    ratio = torch.exp(logps - old_logps)
+    tau = torch.where(advantages > 0, torch.as_tensor(tau_pos, dtype=ratio.dtype),
+                      torch.as_tensor(tau_neg, dtype=ratio.dtype))
+    gate = torch.sigmoid(tau * (ratio - 1)) * 4 / tau
+    loss = policy_gradient_loss(-gate * advantages, mask, agg, max_len, num_tokens)
+    with torch.no_grad():
+        stats = {"ratio_mean": masked_mean(ratio, mask)}
     return loss, stats
 
 

@@ -24,18 +24,21 @@ import model as M
 from data import batching, chat, formats, task
 
 REFERENCE_FREE = ("simpo", "orpo")
-AVERAGED = ("ipo", "simpo", "orpo")  # losses defined on length-normalised log-probs
+AVERAGED = ("ipo", "sigmoid_norm", "simpo", "orpo")  # losses defined on length-normalised log-probs
 
 
 @dataclass
 class DPOConfig(common.TrainConfig):
-    """Preference optimisation: DPO and its family."""
+    """Preference optimisation: DPO and its family. --loss: sigmoid robust ipo hinge nca_pair bco_pair
+    sppo_hard apo_zero apo_down exo_pair sigmoid_norm aot aot_pair discopop (losses.dpo_loss), simpo orpo
+    (reference-free) or kto (unpaired)."""
     model: str = ""             # policy init (HF dir); default: the built-in task's SFT model
     ref_model: str = ""         # frozen reference; default: --model (with --lora-r: the policy with adapters off)
     out: str = "runs/dpo"
     loss: str = "sigmoid"       # a losses.DPO_LOSS_TYPES entry, or simpo | orpo | kto
     beta: float = 0.1           # strength of the KL regularisation (inverse temperature of the implicit reward)
-    label_smoothing: float = 0.0  # cDPO / robust
+    label_smoothing: float = 0.0  # cDPO / robust / aot / aot_pair
+    discopop_tau: float = 0.05  # --loss discopop: temperature of the log-ratio modulation
     rpo_alpha: float = 1.0      # + rpo_alpha * NLL(chosen), RPO (Pang et al. 2024); 0 = plain DPO (TRL's default)
     simpo_gamma_beta_ratio: float = 0.5  # SimPO's target margin gamma, as a multiple of beta
     kto_desirable_weight: float = 1.0    # KTO: weight of desirable examples
@@ -83,7 +86,7 @@ def objective(cfg, pol, ref, n, desirable=None, dist=None):
     sequence_logps outputs over rows [chosen; rejected] (KTO: [target; mismatched]); ref is None
     for reference-free losses. With `dist`, KTO's KL baseline is averaged over ranks. Returns
     (loss, metrics as floats)."""
-    use = 1 if cfg.loss in AVERAGED else 0  # IPO, SimPO and ORPO use length-averaged log-probs
+    use = 1 if cfg.loss in AVERAGED else 0  # IPO, sigmoid_norm, SimPO and ORPO use length-averaged log-probs
     c, r = pol[use][:n], pol[use][n:]
     if cfg.loss == "kto":
         # the KL estimate is a batch-level, detached baseline: in training, averaged over ranks
@@ -101,7 +104,8 @@ def objective(cfg, pol, ref, n, desirable=None, dist=None):
     elif cfg.loss == "orpo":
         per_pair, cr, rr = losses.orpo_loss(c, r, cfg.beta)[:3]
     else:
-        per_pair, cr, rr = losses.dpo_loss(c, r, ref[use][:n], ref[use][n:], cfg.beta, cfg.loss, cfg.label_smoothing)
+        per_pair, cr, rr = losses.dpo_loss(c, r, ref[use][:n], ref[use][n:], cfg.beta, cfg.loss, cfg.label_smoothing,
+                                           discopop_tau=cfg.discopop_tau)
     loss = per_pair.mean()
     nll_weight = 1.0 if cfg.loss == "orpo" else cfg.rpo_alpha
     if nll_weight:  # token-mean NLL of the chosen completions (ORPO's L_SFT; RPO's alpha term)

@@ -1,8 +1,11 @@
 """
-Online RL for language models: PPO (actor-critic) and the critic-free GRPO and RLOO, one loop.
+Online RL for language models: PPO (actor-critic), the critic-free GRPO, RLOO and REINFORCE++, and
+online DPO, one loop.
 
     torchrun --standalone --nproc_per_node 2 train_ppo.py                 # GRPO on the built-in task
     torchrun --standalone --nproc_per_node 2 train_ppo.py --algo ppo
+    torchrun --standalone --nproc_per_node 2 train_ppo.py --importance-level sequence --clip-eps 3e-4 \\
+        --clip-eps-high 4e-4 --loss-agg grpo --beta 0                    # GSPO
     torchrun --nproc_per_node 8 train_ppo.py --model Qwen2.5-0.5B-Instruct --data gsm8k_rl.jsonl \\
         --reward-fn data.prepare_gsm8k:gsm8k_reward --max-new-tokens 512 --lr 1e-6
 
@@ -15,9 +18,19 @@ Each step:
             advantages: PPO = GAE on (score - beta * KL per token), whitened
                         GRPO = group-normalised scores, RLOO = leave-one-out baseline (Ahmadian
                         et al. 2024) in the same clipped objective and k3 KL term as GRPO
+                        REINFORCE++ = returns-to-go of (score - group mean, - beta * KL per
+                        token), whitened over the global batch (Hu 2025)
+                        online DPO = consecutive pairs of a prompt's completions, the better
+                        one chosen (ties skipped), any losses.dpo_loss type (Guo et al. 2024)
                                    |
-            ppo_epochs x minibatches: clipped policy loss (+ beta * k3 KL for GRPO/RLOO)
+            ppo_epochs x minibatches: --loss ppo (clipped; --importance-level sequence = GSPO),
+                                      cispo or sapo (+ beta * KL when not in the reward)
                                       (+ clipped value loss, PPO)
+
+The KL to the reference goes either into the reward (--kl-in-reward: PPO and REINFORCE++ by
+default; GRPO/RLOO subtract the sequence's summed KL from its score) or into the loss (GRPO and
+RLOO by default), with any estimator (--kl-estimator k1|k2|k3; default k1 in the reward, k3 in
+the loss).
 """
 import importlib
 import inspect
@@ -37,8 +50,11 @@ from data import batching, chat, formats, task
 
 @dataclass
 class PPOConfig(common.TrainConfig):
-    """Online RL: PPO, GRPO, RLOO."""
-    algo: str = "grpo"           # ppo | grpo | rloo
+    """Online RL: --algo ppo | grpo | rloo | reinforce_pp | online_dpo; --loss ppo | cispo | sapo;
+    --importance-level token | sequence (GSPO); --kl-estimator k1 | k2 | k3; --kl-in-reward."""
+    algo: str = "grpo"           # ppo | grpo | rloo | reinforce_pp | online_dpo (advantages / objective)
+    loss: str = "ppo"            # policy surrogate: ppo (clipped) | cispo | sapo
+    importance_level: str = "token"  # token | sequence (GSPO: one ratio per sequence; --loss ppo only)
     model: str = ""              # policy init (HF dir); default: the built-in task's SFT model
     ref_model: str = ""          # KL reference; default: --model (with --lora-r: the policy with adapters off)
     out: str = "runs/ppo"
@@ -53,7 +69,14 @@ class PPOConfig(common.TrainConfig):
     lr: float = 2e-4
     value_lr: float = 1e-3       # PPO critic's learning rate (constant)
     warmup_steps: int = 0
-    beta: float = 0.02           # KL coefficient (PPO: in the reward; GRPO/RLOO: k3 loss term); 0 = no reference
+    beta: float = 0.02           # KL coefficient (online DPO: DPO's beta); 0 = no reference
+    kl_estimator: str = ""       # k1 | k2 | k3; empty = k1 in the reward, k3 in the loss
+    kl_in_reward: bool = None    # KL penalty in the reward, else in the loss; unset = PPO, REINFORCE++ in the reward
+    cispo_max_ratio: float = 5.0  # --loss cispo: cap of the stop-gradient importance weight
+    sapo_tau_pos: float = 1.0    # --loss sapo: gate temperature for positive advantages
+    sapo_tau_neg: float = 1.05   # --loss sapo: ... and for negative ones
+    dpo_loss: str = "sigmoid"    # --algo online_dpo: a losses.DPO_LOSS_TYPES entry
+    rpo_alpha: float = 0.0       # --algo online_dpo: + rpo_alpha * NLL(chosen) (RPO, as train_dpo.py's default); 0 = TRL's
     clip_eps: float = 0.2        # PPO ratio clipping
     clip_eps_high: float = 0.0   # DAPO clip-higher; 0 = same as clip_eps
     loss_agg: str = "dapo"       # grpo | dr_grpo | dapo
@@ -109,6 +132,33 @@ def completion_logps(model, seqs, attn, P, dist, cfg, entropy=False):
         return model(seqs, attn, head_fn=head)
 
 
+def online_dpo_objective(logps, ref_logps, pref, mask, dist, cfg):
+    """Online DPO's loss on a minibatch of pairs: rows (2i, 2i + 1) are two completions of one
+    prompt and pref [N] is +1 on the chosen row, -1 on the rejected one, 0 on both rows of a tie.
+    Each pair weighs the same wherever it is: the sum over pairs is divided by the pairs of all
+    ranks per rank (FSDP averages gradients over ranks). Returns (loss, detached stats)."""
+    seq = (logps * mask).sum(-1)
+    ref_seq = (ref_logps * mask).sum(-1)
+    if cfg.dpo_loss in ("ipo", "sigmoid_norm"):  # defined on average per-token log-probs
+        n = mask.sum(-1).clamp(min=1)
+        seq, ref_seq = seq / n, ref_seq / n
+    first = pref.view(-1, 2)[:, :1]
+    keep = first[:, 0] != 0  # ties are dropped before the loss (AOT's sorting must not see them)
+    col = (first < 0).long()  # [pairs, 1]: which row of the pair is the chosen one
+    chosen = [x.view(-1, 2).gather(1, col).squeeze(1)[keep] for x in (seq, ref_seq)]
+    rejected = [x.view(-1, 2).gather(1, 1 - col).squeeze(1)[keep] for x in (seq, ref_seq)]
+    per_pair, cr, rr = losses.dpo_loss(chosen[0], rejected[0], chosen[1], rejected[1], cfg.beta, cfg.dpo_loss)
+    n_pairs = common.all_sum(keep.sum().item(), dist) / dist.world
+    loss = per_pair.sum() / max(n_pairs, 1e-8)
+    if cfg.rpo_alpha:  # RPO's NLL of the chosen completions, a token mean over all ranks (see train_dpo.py)
+        chosen_rows = pref > 0
+        n_tok = common.all_sum(mask[chosen_rows].sum().item(), dist) / dist.world
+        loss = loss - cfg.rpo_alpha * (logps * mask)[chosen_rows].sum() / max(n_tok, 1e-8)
+    k = max(len(per_pair), 1)
+    return loss, {"pairs": float(len(per_pair)), "rewards/margins": (cr - rr).sum().item() / k,
+                  "rewards/accuracies": (cr > rr).float().sum().item() / k}
+
+
 def completion_values(critic, seqs, attn, P, dist):
     """Values [N, L]: the critic's estimate at the state before each completion token."""
     with common.autocast(dist):
@@ -118,13 +168,30 @@ def completion_values(critic, seqs, attn, P, dist):
 def main(cfg: PPOConfig):
     # ---- setup
     dist = common.setup(cfg)
-    if cfg.algo not in ("ppo", "grpo", "rloo"):
-        raise ValueError(f"--algo {cfg.algo!r}: expected ppo, grpo or rloo")
+    if cfg.algo not in ("ppo", "grpo", "rloo", "reinforce_pp", "online_dpo"):
+        raise ValueError(f"--algo {cfg.algo!r}: expected ppo, grpo, rloo, reinforce_pp or online_dpo")
+    if cfg.loss not in ("ppo", "cispo", "sapo"):
+        raise ValueError(f"--loss {cfg.loss!r}: expected ppo, cispo or sapo")
+    if cfg.importance_level not in ("token", "sequence") or (cfg.importance_level == "sequence" and cfg.loss != "ppo"):
+        raise ValueError(f"--importance-level {cfg.importance_level!r}: expected token, or sequence with --loss ppo")
+    if cfg.kl_estimator not in ("", "k1", "k2", "k3"):
+        raise ValueError(f"--kl-estimator {cfg.kl_estimator!r}: expected k1, k2 or k3")
     if cfg.algo != "ppo" and cfg.group_size < 2:
         raise ValueError(f"--algo {cfg.algo} needs --group-size >= 2 (advantages are relative to the group)")
     n_rollout = cfg.prompts_per_step * cfg.group_size
     if n_rollout % cfg.minibatches:
         raise ValueError(f"prompts_per_step * group_size = {n_rollout} must divide into {cfg.minibatches} minibatches")
+    if cfg.algo == "online_dpo":
+        if cfg.group_size % 2 or (n_rollout // cfg.minibatches) % 2:
+            raise ValueError("--algo online_dpo pairs consecutive completions: --group-size and the minibatch size "
+                             f"(prompts_per_step * group_size / minibatches = {n_rollout / cfg.minibatches:g}) must be even")
+        if cfg.dpo_loss not in losses.DPO_LOSS_TYPES:
+            raise ValueError(f"--dpo-loss {cfg.dpo_loss!r}: expected one of {', '.join(losses.DPO_LOSS_TYPES)}")
+        if not cfg.beta:
+            raise ValueError("--algo online_dpo needs a reference: --beta > 0 (DPO's beta)")
+    # where the KL penalty goes, and how it is estimated (defaults: today's PPO / GRPO recipes)
+    kl_in_reward = cfg.algo in ("ppo", "reinforce_pp") if cfg.kl_in_reward is None else cfg.kl_in_reward
+    kl_estimator = cfg.kl_estimator or ("k1" if kl_in_reward else "k3")
 
     # ---- data
     model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed)
@@ -219,18 +286,38 @@ def main(cfg: PPOConfig):
             old_logps, entropy = completion_logps(policy, seqs, attn, P, dist, cfg, entropy=True)
             with lora.adapters_disabled(ref) if ref is not None else nullcontext():
                 ref_logps = completion_logps(ref, seqs, attn, P, dist, cfg) if ref is not None else old_logps
-            kl = losses.kl_penalty(old_logps, ref_logps, "k1")  # per token, for the PPO reward and the log
+            kl = losses.kl_penalty(old_logps, ref_logps, "k1")  # per token, for the log
+            # per-token KL penalty for the reward (zero when the KL goes into the loss instead)
+            penalty = cfg.beta * losses.kl_penalty(old_logps, ref_logps, kl_estimator) * cmaskf if kl_in_reward \
+                else torch.zeros_like(cmaskf)
+            last = cmask.sum(-1) - 1
             if cfg.algo == "ppo":
                 old_values = completion_values(critic, seqs, attn, P, dist)
-                rewards = -cfg.beta * kl * cmaskf
-                last = cmask.sum(-1) - 1
+                rewards = -penalty
                 rewards[torch.arange(len(rows), device=dist.device), last] += scores
                 advantages, returns = losses.gae(rewards, old_values, cmaskf, cfg.gamma, cfg.lam)
                 if cfg.whiten:
                     advantages = losses.masked_whiten(advantages, cmaskf)
+            elif cfg.algo == "reinforce_pp":
+                # REINFORCE++ with the group-mean baseline: score - mean of its group on the last
+                # token, the KL per token, returns-to-go, then one normalisation over all ranks' tokens
+                rewards = -penalty
+                rewards[torch.arange(len(rows), device=dist.device), last] += \
+                    losses.group_advantages(scores, cfg.group_size, scale=False)
+                returns_to_go = losses.discounted_returns(rewards, cmaskf, cfg.gamma)
+                n = common.all_sum(cmaskf.sum(), dist)
+                mean = common.all_sum((returns_to_go * cmaskf).sum(), dist) / n
+                var = common.all_sum(((returns_to_go - mean) ** 2 * cmaskf).sum(), dist) / max(n - 1, 1)
+                advantages = losses.masked_whiten(returns_to_go, cmaskf, mean=mean, var=var)
+            elif cfg.algo == "online_dpo":
+                # pairs (0, 1), (2, 3), ... of each prompt's completions; +1 marks the chosen
+                # completion, -1 the rejected one, 0 both of a tie (no preference, no loss)
+                diff = scores.view(-1, 2)[:, 0] - scores.view(-1, 2)[:, 1]
+                advantages = torch.stack([diff.sign(), -diff.sign()], 1).view(-1, 1) * cmaskf
             else:
-                adv = losses.group_advantages(scores, cfg.group_size, cfg.scale_rewards) if cfg.algo == "grpo" \
-                    else losses.rloo_advantages(scores, cfg.group_size)
+                sequence_scores = scores - penalty.sum(-1)  # the whole sequence's KL, when in the reward
+                adv = losses.group_advantages(sequence_scores, cfg.group_size, cfg.scale_rewards) \
+                    if cfg.algo == "grpo" else losses.rloo_advantages(sequence_scores, cfg.group_size)
                 advantages = adv[:, None] * cmaskf
 
         if cfg.record_rollout and step == start and dist.main:
@@ -242,7 +329,11 @@ def main(cfg: PPOConfig):
         stats = {}
         mb_size = len(rows) // cfg.minibatches
         for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
+            g_order = torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch)
+            if cfg.algo == "online_dpo":  # shuffle pairs, keeping each pair's two rows together
+                order = (torch.randperm(len(rows) // 2, generator=g_order)[:, None] * 2 + torch.arange(2)).view(-1)
+            else:
+                order = torch.randperm(len(rows), generator=g_order)
             for k in range(cfg.minibatches):
                 mb = order[k * mb_size:(k + 1) * mb_size].to(dist.device)
                 s, a, m = seqs[mb], attn[mb], cmaskf[mb]
@@ -250,15 +341,24 @@ def main(cfg: PPOConfig):
                 # "dapo": the token mean over the minibatch on all ranks (FSDP then averages over ranks)
                 n_tok = common.all_sum(m.sum().item(), dist) / dist.world
                 agg = dict(agg=cfg.loss_agg, max_len=cfg.max_new_tokens, num_tokens=n_tok)
-                pg_loss, st = losses.ppo_policy_loss(logps, old_logps[mb], advantages[mb], m, cfg.clip_eps,
-                                                     cfg.clip_eps_high or None, **agg)
+                if cfg.algo == "online_dpo":
+                    pg_loss, st = online_dpo_objective(logps, ref_logps[mb], advantages[mb, 0], m, dist, cfg)
+                elif cfg.loss == "cispo":
+                    pg_loss, st = losses.cispo_loss(logps, old_logps[mb], advantages[mb], m, cfg.cispo_max_ratio, **agg)
+                elif cfg.loss == "sapo":
+                    pg_loss, st = losses.sapo_loss(logps, old_logps[mb], advantages[mb], m, cfg.sapo_tau_pos,
+                                                   cfg.sapo_tau_neg, **agg)
+                else:
+                    pg_loss, st = losses.ppo_policy_loss(logps, old_logps[mb], advantages[mb], m, cfg.clip_eps,
+                                                         cfg.clip_eps_high or None, **agg, level=cfg.importance_level)
                 loss = pg_loss
-                if cfg.algo != "ppo" and ref is not None:  # GRPO's KL term, aggregated like the policy loss
-                    kl_term = losses.policy_gradient_loss(losses.kl_penalty(logps, ref_logps[mb], "k3"), m, **agg)
+                if not kl_in_reward and ref is not None and cfg.algo != "online_dpo":
+                    # GRPO's KL term, aggregated like the policy loss
+                    kl_term = losses.policy_gradient_loss(losses.kl_penalty(logps, ref_logps[mb], kl_estimator), m, **agg)
                     loss = loss + cfg.beta * kl_term
                 common.check_finite(common.all_sum(loss.item(), dist), step, "policy loss")
                 loss.backward()
-                st = {k2: v.item() for k2, v in st.items()}
+                st = {k2: float(v) for k2, v in st.items()}
                 st["policy_loss"] = pg_loss.item()
                 st["grad_norm"] = common.optimizer_step(policy, opt, step, cfg)
                 if critic is not None:

@@ -340,6 +340,34 @@ def test_exo_pair_is_bernoulli_kl():
     close(_dpo("exo_pair", [[m_star], [0.0], [0.0], [0.0]], beta=beta, ls=e)[0][0], [0.0])
 
 
+def test_sigmoid_norm_aot_discopop_against_math():
+    beta = 0.4
+    x = list(zip(*_pairs()))
+    ms = [(a - b) - (ra - rb) for a, b, ra, rb in _pairs()]
+    # sigmoid_norm: DPO's formula, the caller passing average log-probs
+    close(_dpo("sigmoid_norm", x, beta=beta)[0][0], [-logsig(beta * m) for m in ms])
+    # aot: policy log-odds c - r = [4, -3, 3, 0] and reference ones [2, 4, 8.5, 0], each sorted
+    # over the batch: [-3, 0, 3, 4] - [0, 2, 4, 8.5] = [-3, -2, -1, -4.5]
+    e = 0.1
+    d = [-3.0, -2.0, -1.0, -4.5]
+    close(_dpo("aot", x, beta=beta, ls=e)[0][0], [-(1 - e) * logsig(beta * v) - e * logsig(-beta * v) for v in d])
+    # aot_pair: chosen log-ratios [-7, -8, -3.5, 2] and rejected [-9, -1, 2, 2], each sorted:
+    # [-8, -7, -3.5, 2] - [-9, -1, 2, 2] = [1, -6, -5.5, 0]
+    d = [1.0, -6.0, -5.5, 0.0]
+    close(_dpo("aot_pair", x, beta=beta)[0][0], [-logsig(beta * v) for v in d])
+    # sorting is per batch: with one pair both AOT types are cDPO / DPO on that pair
+    one = [[v] for v in _pairs()[1]]
+    close(_dpo("aot", one, beta=beta, ls=e)[0][0], _dpo("sigmoid", one, beta=beta, ls=e)[0][0])
+    close(_dpo("aot_pair", one, beta=beta)[0][0], _dpo("sigmoid", one, beta=beta)[0][0])
+    # discopop (DiscoPOP eq. 5): a sigmoid(beta m / tau) blend of the logistic and exponential losses
+    for tau in (0.05, 2.0):
+        s = [sig(beta * m / tau) for m in ms]
+        close(_dpo("discopop", x, beta=beta, discopop_tau=tau)[0][0],
+              [(1 - si) * -logsig(beta * m) + si * math.exp(-beta * m) for si, m in zip(s, ms)])
+    # at zero margin both halves weigh 1/2: (log 2 + 1) / 2
+    close(_dpo("discopop", [[0.0]] * 4)[0][0], [(math.log(2) + 1) / 2])
+
+
 def test_dpo_unknown_loss_type():
     with pytest.raises(ValueError):
         _dpo("nope", [[0.0]] * 4)
@@ -475,6 +503,22 @@ def test_gae_against_python_loop():
     close(ret[1, 0], rewards[1, :3].sum())
 
 
+def test_discounted_returns_and_global_whitening():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]], dtype=f64)  # 9s are padding
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=f64)
+    close(losses.discounted_returns(rewards, mask), [[6.0, 5.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    close(losses.discounted_returns(rewards, mask, gamma=0.5), [[1 + 0.5 * (2 + 0.5 * 3), 2 + 0.5 * 3, 3.0, 0.0],
+                                                                 [4.0, 0.0, 0.0, 0.0]])
+    # two "ranks" whitened with the moments of both together equal one whitening of the whole batch
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3), dtype=f64)
+    m = (torch.rand(4, 5, generator=torch.Generator().manual_seed(4)) > 0.3).double()
+    n = m.sum()
+    mean = (x * m).sum() / n
+    var = ((x - mean) ** 2 * m).sum() / (n - 1)
+    parts = [losses.masked_whiten(x[i:i + 2], m[i:i + 2], mean=mean, var=var) for i in (0, 2)]
+    close(torch.cat(parts), losses.masked_whiten(x, m))
+
+
 def test_group_and_rloo_advantages():
     g = torch.Generator().manual_seed(8)
     rewards = torch.rand(12, generator=g, dtype=f64)
@@ -552,3 +596,123 @@ def test_ppo_value_loss():
     close(stats["vf_clipfrac"], 0.5)
     loss.backward()
     close(values.grad, [[0.0, 0.5 * 2 * 0.5 / 2, 0.0]])  # clipped token carries no gradient
+
+
+def test_gspo_sequence_level_ratio():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]], dtype=f64)
+    old = torch.full((2, 4), -1.0, dtype=f64)
+    delta = torch.tensor([[0.3, -0.1, 0.1, 5.0], [0.02, -0.04, 9.0, 9.0]], dtype=f64)  # padding: huge
+    adv = torch.tensor([[2.0], [-1.0]], dtype=f64) * torch.ones(2, 4, dtype=f64)
+    lp = (old + delta).requires_grad_()
+    # sequence ratios s = exp(mean log-ratio over the mask): exp(0.1) (A > 0, beyond 1 + 0.05:
+    # clipped) and exp(-0.01) (inside [0.95, 1.05]); the padding never enters
+    s0, s1 = math.exp(0.1), math.exp(-0.01)
+    loss, st = losses.ppo_policy_loss(lp, old, adv, mask, clip_eps=0.05, agg="grpo", level="sequence")
+    close(loss, (-2.0 * 1.05 + 1.0 * s1) / 2)
+    close(st["clipfrac"], 3 / 5)
+    loss.backward()
+    # the clipped sequence has no gradient; every token of the other gets the same one:
+    # d/dlogp_t (A s / 2) = A s / (2 |y|), since ds/dlogp_t = s / |y|
+    close(lp.grad, [[0.0] * 4, [s1 / 4, s1 / 4, 0.0, 0.0]])
+    # token mean: a sequence's tokens still share one gradient, -A s / N (N = 5 tokens)
+    lp.grad = None
+    losses.ppo_policy_loss(lp, old, adv, mask, clip_eps=0.2, level="sequence")[0].backward()
+    close(lp.grad, [[-2.0 * s0 / 5] * 3 + [0.0], [s1 / 5] * 2 + [0.0, 0.0]])
+    # a sequence of one token is token-level PPO
+    one = [t[:1, :1] for t in (lp.detach(), old, adv, mask)]
+    close(losses.ppo_policy_loss(*one, level="sequence")[0], losses.ppo_policy_loss(*one)[0])
+    with pytest.raises(ValueError):
+        losses.ppo_policy_loss(lp, old, adv, mask, level="sentence")
+
+
+def test_cispo_loss():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=f64)
+    adv = torch.tensor([[1.0, -2.0, 0.5, 7.0]], dtype=f64)
+    old = torch.full((1, 4), -1.0, dtype=f64)
+    ratios = torch.tensor([[1.5, 8.0, 0.5, 1.0]], dtype=f64)
+    lp = (old + ratios.log()).requires_grad_()
+    loss, st = losses.cispo_loss(lp, old, adv, mask, max_ratio=5.0)
+    # weights min(ratio, 5) = 1.5, 5, 0.5, times -A * logp; token mean over 3 tokens
+    lpv = lp.detach()[0].tolist()
+    close(loss, -(1.5 * 1.0 * lpv[0] + 5.0 * -2.0 * lpv[1] + 0.5 * 0.5 * lpv[2]) / 3)
+    close(st["clipfrac"], 1 / 3)
+    loss.backward()
+    # the weight is a constant: the gradient is -w * A / N, also for the capped token (PPO's clip
+    # would give it none), with no d(ratio)/d(logp) term
+    close(lp.grad, [[-1.5 / 3, 10.0 / 3, -0.25 / 3, 0.0]])
+    # on-policy (ratio 1), CISPO's gradient is the policy gradient, the same as PPO's
+    lp1 = old.clone().requires_grad_()
+    losses.cispo_loss(lp1, old, adv, mask)[0].backward()
+    lp2 = old.clone().requires_grad_()
+    losses.ppo_policy_loss(lp2, old, adv, mask)[0].backward()
+    close(lp1.grad, lp2.grad)
+
+
+def test_sapo_loss():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]], dtype=f64)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]], dtype=f64)
+    old = torch.full((2, 3), -1.0, dtype=f64)
+    ratios = torch.tensor([[1.0, 1.5, 0.5], [1.2, 1.0, 1.0]], dtype=f64)
+    lp = (old + ratios.log()).requires_grad_()
+    tp, tn = 1.0, 1.05
+    loss, st = losses.sapo_loss(lp, old, adv, mask, tau_pos=tp, tau_neg=tn)
+
+    def gate(r, tau):
+        return sig(tau * (r - 1)) * 4 / tau
+
+    seq0 = -sum(gate(r, tp) for r in (1.0, 1.5, 0.5)) / 3
+    seq1 = 2.0 * gate(1.2, tn)
+    close(loss, (seq0 + seq1) / 2)  # agg="grpo": per-sequence means, then the mean
+    loss.backward()
+
+    def dgate(r, tau):  # d gate / d logp = 4 sigmoid'(tau (r - 1)) * r
+        return 4 * sig(tau * (r - 1)) * (1 - sig(tau * (r - 1))) * r
+
+    close(lp.grad, [[-dgate(r, tp) / 6 for r in (1.0, 1.5, 0.5)], [2.0 * dgate(1.2, tn) / 2, 0.0, 0.0]])
+    close(lp.grad[0, 0], -1 / 6)  # at ratio 1 the gradient is exactly the policy gradient's
+    close(st["ratio_mean"], (1.0 + 1.5 + 0.5 + 1.2) / 4)
+
+
+# ------------------------------------------------------------------ distillation
+
+
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def test_generalized_jsd_against_math():
+    s_logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]], dtype=f64)
+    t_logits = torch.tensor([[0.0, 1.0, 0.5], [0.5, 2.0, 0.0]], dtype=f64)  # row 1: the same distribution
+    for temp in (1.0, 2.0):
+        S = [[math.exp(v / temp) / sum(math.exp(u / temp) for u in row) for v in row] for row in s_logits.tolist()]
+        T = [[math.exp(v / temp) / sum(math.exp(u / temp) for u in row) for v in row] for row in t_logits.tolist()]
+        close(losses.generalized_jsd(s_logits, t_logits, 0.0, temp), [_kl(T[0], S[0]), 0.0])
+        close(losses.generalized_jsd(s_logits, t_logits, 1.0, temp), [_kl(S[0], T[0]), 0.0])
+        for beta in (0.5, 0.2):
+            M = [(1 - beta) * a + beta * b for a, b in zip(S[0], T[0])]
+            close(losses.generalized_jsd(s_logits, t_logits, beta, temp),
+                  [beta * _kl(T[0], M) + (1 - beta) * _kl(S[0], M), 0.0])
+    # the generalized JSD is symmetric under swapping the models and beta <-> 1 - beta; the JSD
+    # (beta = 1/2) is bounded by log 2
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 7, generator=g, dtype=f64) * 3, torch.randn(5, 7, generator=g, dtype=f64) * 3
+    close(losses.generalized_jsd(a, b, 0.3), losses.generalized_jsd(b, a, 0.7))
+    assert (losses.generalized_jsd(a, b, 0.5) <= math.log(2)).all()
+    assert (losses.generalized_jsd(a, b, 0.5) > 0).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_generalized_jsd_from_hidden_chunked_equals_full(beta):
+    g = torch.Generator().manual_seed(1)
+    N, V = 11, 13
+    hs = torch.randn(N, 4, generator=g, dtype=f64, requires_grad=True)
+    ws = torch.randn(V, 4, generator=g, dtype=f64, requires_grad=True)
+    ht, wt = torch.randn(N, 6, generator=g, dtype=f64), torch.randn(V, 6, generator=g, dtype=f64)  # a wider teacher
+    weights = torch.randn(N, generator=g, dtype=f64)  # a different weight per position
+    full = losses.generalized_jsd(hs @ ws.T, ht @ wt.T, beta, 1.5)
+    grads = torch.autograd.grad((full * weights).sum(), (hs, ws))
+    for chunk in (1, 4, 64):  # 4 does not divide 11: a ragged last chunk
+        out = losses.generalized_jsd_from_hidden(hs, ws, ht, wt, beta, 1.5, chunk_size=chunk)
+        close(out, full)
+        for got, want in zip(torch.autograd.grad((out * weights).sum(), (hs, ws)), grads):
+            close(got, want)

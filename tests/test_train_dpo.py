@@ -53,6 +53,13 @@ def test_every_loss_trains(setup, tmp_path, loss):
         assert abs(ls[1] - 0.6931471805599453) < 1e-6
 
 
+def test_help_lists_every_loss(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_config(train_dpo.DPOConfig, ["--help"])
+    words = set(capsys.readouterr().out.split())
+    assert set(losses.DPO_LOSS_TYPES) | {"simpo", "orpo", "kto"} <= words and "--discopop-tau" in words
+
+
 def test_kto_reads_unpaired_data(setup, tmp_path):
     """--loss kto takes TRL's unpaired records as they are, and they train exactly like the same
     examples unpaired from the preference file (desirable ones first, then undesirable)."""

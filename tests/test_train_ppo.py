@@ -1,6 +1,7 @@
 """train_ppo.py end to end: GRPO with a reward function, PPO with a reward model, the recorded
 rollout against losses.py, KL = 0 at the first step, resume, and FSDP generation."""
 import json
+import math
 import os
 
 import pytest
@@ -122,3 +123,68 @@ def test_logps_are_those_of_the_sampling_distribution(tiny, tmp_path):
         logits = M.from_pretrained(policy)(seqs, attn)[:, P - 1:-1] / 0.5
     want = torch.log_softmax(logits, -1).gather(-1, seqs[:, P:, None]).squeeze(-1)
     assert (((r["old_logps"] - want) * mask).abs().max() < 1e-5) and torch.equal(r["ref_logps"], r["old_logps"])
+
+
+@pytest.mark.parametrize("mode", [
+    ["--loss", "cispo"],
+    ["--loss", "sapo"],
+    ["--importance-level", "sequence", "--clip-eps", "3e-4", "--clip-eps-high", "4e-4", "--loss-agg", "grpo"],  # GSPO
+    ["--algo", "reinforce_pp", "--kl-estimator", "k2"],
+    ["--algo", "rloo", "--kl-in-reward", "--kl-estimator", "k3"],
+    ["--algo", "online_dpo", "--dpo-loss", "discopop", "--beta", "0.1"],
+])
+def test_new_modes_train_and_match_losses(tiny, tmp_path, mode):
+    """Each surrogate / advantage mode trains a few steps, and its recorded advantages are the
+    formula's. A reference with other weights makes the KL penalty nonzero at the first step."""
+    policy, d = tiny
+    ref = d / "ref"
+    if not ref.exists():
+        tiny_model_dir(str(ref), seed=1)
+    rec = tmp_path / "rollout.pt"
+    args = ["--model", policy, "--ref-model", ref, "--out", "o", "--record-rollout", rec, "--max-steps", "2"]
+    run_script("train_ppo.py", args + mode + SMALL[2:], tmp_path)
+    loss = series(tmp_path / "o", "policy_loss")
+    assert sorted(loss) == [1, 2] and all(map(math.isfinite, loss.values()))
+    r = torch.load(rec)
+    mask, scores = r["mask"], r["scores"]
+    beta = 0.1 if "online_dpo" in mode else 0.02
+    if "reinforce_pp" in mode:
+        rewards = -beta * losses.kl_penalty(r["old_logps"], r["ref_logps"], "k2") * mask
+        last = mask.sum(-1).long() - 1
+        rewards[torch.arange(len(last)), last] += losses.group_advantages(scores, 4, scale=False)
+        want = losses.masked_whiten(losses.discounted_returns(rewards, mask), mask)
+        assert torch.allclose(r["advantages"], want, atol=1e-6)
+        assert (rewards != 0).sum() > len(last)  # the KL penalty did reach the tokens
+    elif "rloo" in mode:
+        kl = (losses.kl_penalty(r["old_logps"], r["ref_logps"], "k3") * mask).sum(-1)
+        assert (kl > 0).all()
+        assert torch.allclose(r["advantages"], losses.rloo_advantages(scores - beta * kl, 4)[:, None] * mask, atol=1e-6)
+    elif "online_dpo" in mode:  # +1 chosen, -1 rejected, 0 for both of a tie, in consecutive pairs
+        s = scores.view(-1, 2)
+        sign = torch.stack([(s[:, 0] - s[:, 1]).sign(), (s[:, 1] - s[:, 0]).sign()], 1).view(-1, 1)
+        assert torch.equal(r["advantages"], sign * mask)
+    else:
+        assert torch.allclose(r["advantages"], losses.group_advantages(scores, 4)[:, None] * mask)
+
+
+def test_online_dpo_objective_picks_chosen_and_skips_ties():
+    import common
+    import train_ppo
+    cfg = train_ppo.PPOConfig(beta=0.5, dpo_loss="sigmoid", rpo_alpha=0.0)
+    one = common.Dist(0, 1, torch.device("cpu"), None)
+    logps = torch.tensor([[-1.0, -0.5], [-3.0, 0.0], [-2.0, 0.0], [-0.5, 0.0], [-1.0, 0.0], [-9.0, 0.0]],
+                         dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0]] + [[1.0, 0.0]] * 5, dtype=torch.float64)
+    ref = torch.full_like(logps, -1.0)
+    pref = torch.tensor([1.0, -1.0, -1.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # pair 1: the second row is chosen; pair 2 a tie
+    loss, st = train_ppo.online_dpo_objective(logps, ref, pref, mask, one, cfg)
+    # pair 0: chosen row 0 (-1.5, ref -2), rejected row 1 (-3, ref -1): m = 0.5 + 2 = 2.5
+    # pair 1: chosen row 3 (-0.5, ref -1), rejected row 2 (-2, ref -1): m = 0.5 + 1 = 1.5
+    want = -(torch.nn.functional.logsigmoid(torch.tensor(0.5 * 2.5)) + torch.nn.functional.logsigmoid(torch.tensor(0.75))) / 2
+    assert abs(loss.item() - want.item()) < 1e-6 and st["pairs"] == 2.0 and st["rewards/accuracies"] == 1.0
+    loss.backward()
+    g = logps.grad[:, 0]
+    assert g[0] < 0 < g[1] and g[3] < 0 < g[2] and g[4] == g[5] == 0  # chosen up, rejected down, ties untouched
+    # RPO's term adds the token-mean NLL of the chosen rows (3 tokens: -1.5 and -0.5 summed)
+    loss_rpo, _ = train_ppo.online_dpo_objective(logps, ref, pref, mask, one, train_ppo.PPOConfig(beta=0.5, rpo_alpha=1.0))
+    assert abs(loss_rpo.item() - loss.item() - 2.0 / 3) < 1e-6
