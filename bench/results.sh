@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's built-in task table: every stage over seeds 0-2 with `sweep.py`, then one table
 # (runs/results.md) and the curves (runs/results.png). Rerunning skips the runs already finished.
-#   bash bench/results.sh      # ~25 min on the idle 2-core dev machine (the README stage times x 3)
+#   bash bench/results.sh      # estimated ~25 min on the idle 2-core dev machine (the README stage times x 3)
 # DPO, RL and the reward model all start from runs/sft (the SFT stage's defaults, seed 0); it is
 # trained first, on its own, so that no run's wall time includes it. Their seeds vary their own
 # sampling and batch order only.
