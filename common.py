@@ -57,6 +57,7 @@ class TrainConfig:
     chunk_size: int = 256     # positions per chunk for log-probs over the vocabulary ([256, V] fp32 buffer)
     chat_format: str = ""     # chatml | llama3 | plain; empty = from the tokenizer (data/chat.py)
     system_prompt: str = ""   # inserted when a conversation has none (e.g. Qwen2.5's default, as its template does)
+    data_cache: str = ""      # tokenized-data cache directory; empty = <data file>.cache beside each file (data/cache.py)
 
 
 def parse_config(cls, argv=None):
@@ -312,6 +313,14 @@ def save_final(model, cfg: TrainConfig, dist: Dist, tokenizer_dir):
 def barrier(dist: Dist):
     if dist.world > 1:
         torchdist.barrier()
+
+
+def load_data(path, kind, tok, cfg: TrainConfig, dist: Dist, **settings):
+    """The tokenized examples of a JSONL file, memory-mapped from the data cache (tokenized into it
+    first, the ranks sharing the work, if it is missing or stale): see data/cache.py."""
+    from data import cache  # local: keeps common.py importable without the data package
+
+    return cache.load(path, kind, tok, settings, cfg.data_cache, dist.rank, dist.world, lambda: barrier(dist))
 
 
 class Preemption:
