@@ -1,6 +1,6 @@
 """data/cache.py: the memory-mapped token cache gives exactly the batches of tokenizing in memory
 (every script's data path), its key follows every input, a half-written cache is never read, 1
-and 2 ranks build the same files, and a resumed run reuses it."""
+and 2 ranks build the same files. (A resumed run reusing it: test_train_sft.py's resume test.)"""
 import json
 import os
 import random
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from data import batching, cache, chat, formats
-from helpers import run_script, tiny_model_dir
 from test_data import make_tok
 
 LLAMA3 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "tokenizers", "llama3")
@@ -114,13 +113,18 @@ def assert_same(a, b):
         assert a == b
 
 
+@pytest.fixture(scope="module")
+def llama3():
+    if not os.path.exists(LLAMA3):
+        pytest.skip("../shared/tokenizers/llama3 not present")
+    return chat.load_tokenizer(LLAMA3)
+
+
 @pytest.fixture(params=["chatml", "llama3-real"])
 def tok(request, tmp_path):
     if request.param == "chatml":  # character level: every content token is its own character
         return make_tok("chatml", tmp_path)
-    if not os.path.exists(LLAMA3):  # a real BPE, where batched and one-by-one encoding could differ
-        pytest.skip("../shared/tokenizers/llama3 not present")
-    return chat.load_tokenizer(LLAMA3)
+    return request.getfixturevalue("llama3")  # a real BPE, where batched and one-by-one encoding could differ
 
 
 @pytest.mark.parametrize("kind", ["sft", "preference", "unpaired", "prompts"])
@@ -253,18 +257,3 @@ def test_one_and_two_ranks_build_the_same_cache(tmp_path, monkeypatch):
     for name in names:
         assert open(os.path.join(one.path, name), "rb").read() == open(os.path.join(got[0].path, name), "rb").read(), name
     assert os.listdir(tmp_path / "two") == [os.path.basename(one.path)]  # no temp dir left
-
-
-def test_resume_reuses_the_cache(tmp_path):
-    """train_sft.py on a data file: the first run tokenizes, a resumed one memory-maps the same files."""
-    model = tiny_model_dir(str(tmp_path / "m"))
-    path = write(tmp_path / "d.jsonl", records("sft", 24))
-    args = ["--model", model, "--data", path, "--out", "o", "--max-steps", "2", "--batch-size", "4", "--eval-every", "0",
-            "--max-length", "100"]
-    first = run_script("train_sft.py", args + ["--stop-after", "1"], tmp_path)
-    assert "data cache: tokenized 24 records" in first.stdout
-    (built,) = cache_dirs(path)
-    stamp = os.stat(os.path.join(path + ".cache", built, "manifest.json")).st_mtime_ns
-    second = run_script("train_sft.py", args + ["--resume"], tmp_path)
-    assert "data cache: reusing" in second.stdout and "resumed from" in second.stdout
-    assert cache_dirs(path) == [built] and os.stat(os.path.join(path + ".cache", built, "manifest.json")).st_mtime_ns == stamp
