@@ -9,13 +9,15 @@ the built-in task's character-level one).
     python bench/data.py --records 20000 --procs 1,2 --dir /tmp/bench_data
 
 One JSON line per (records, procs): first_run_s / first_run_cpu_s (wall and CPU seconds, all
-threads of all processes, to tokenize into the cache), cached_start_s (a fresh run's time to key
-and memory-map it), peak_rss_mb_per_proc (the larger of the two runs), baseline_rss_mb (the same
-process before any data is touched: torch, numpy and the tokenizer loaded), batch_ms (one SFT
-batch of 32 read from the cache). today_cpu_s_per_1k is the in-memory path the scripts had before
-(formats.load_sft + chat.tokenize_sft per record) on the first --today-records records, and
-speedup_per_core its CPU time per record over the cache build's, today_rss_mb_per_1k its memory. Each worker is a fresh process
-(peak RSS is per process); 2 processes run under torchrun (gloo), as the training scripts do.
+threads of all processes, to tokenize into the cache), cached_start_s / cached_start_cpu_s (a
+fresh run's time to key and memory-map it; CPU seconds are what load on the machine inflates
+least), peak_rss_mb_per_proc (the larger of the two runs), baseline_rss_mb (the same process
+before any data is touched: torch, numpy and the tokenizer loaded), batch_ms (one SFT batch of
+32 read from the cache). today_cpu_s_per_1k is the in-memory path the scripts had before
+(formats.load_sft + chat.tokenize_sft per record) on the first --today-records records,
+speedup_per_core its CPU time per record over the cache build's, today_rss_mb_per_1k its memory.
+Each worker is a fresh process (peak RSS is per process); 2 processes run under torchrun (gloo),
+as the training scripts do.
 """
 import argparse
 import json
@@ -158,6 +160,7 @@ def main():
                     "jsonl_mb": round(os.path.getsize(data) / 2**20, 1), "cache_mb": round(size / 2**20, 1),
                     "first_run_s": round(max(r["wall_s"] for r in first), 2), "first_run_cpu_s": round(cpu, 2),
                     "cached_start_s": round(max(r["wall_s"] for r in cached), 2),
+                    "cached_start_cpu_s": round(max(r["cpu_s"] for r in cached), 2),
                     "peak_rss_mb_per_proc": round(max(r["peak_rss_mb"] for r in first + cached)),
                     "cached_peak_rss_mb_per_proc": round(max(r["peak_rss_mb"] for r in cached)),
                     "baseline_rss_mb": round(max(r["baseline_rss_mb"] for r in first + cached)),
