@@ -71,6 +71,7 @@ class TrainConfig:
     lora_dropout: float = 0.0  # on the adapters' input (PEFT's default; >0 makes runs depend on the RNG)
     lora_targets: str = "all-linear"  # PEFT target_modules: leaf names (q_proj,v_proj; GPT-2: c_attn,c_proj,c_fc)
     use_rslora: bool = False  # scaling = alpha / sqrt(r) (rsLoRA)
+    data_cache: str = ""      # tokenized-data cache directory; empty = <data file>.cache beside each file (data/cache.py)
     report_to: str = ""       # wandb and/or tensorboard (comma list): metrics.jsonl's records there too, from rank 0
 
     # Allowed values of the numeric flags as intervals; a numeric flag not listed must be >= 0.
@@ -332,7 +333,7 @@ def check_finite(value: float, step: int, what="loss"):
 # and activation checkpointing (same arithmetic, less memory), not what it computes. --max-steps may
 # change too, as long as the checkpoint's step is not past it (checked in check_out).
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "stop_after", "save_every", "log_every", "eval_every",
-                     "eval_samples", "record_rollout", "grad_ckpt", "report_to")
+                     "eval_samples", "record_rollout", "grad_ckpt", "report_to", "data_cache")
 
 
 def check_out(cfg: TrainConfig):
@@ -520,6 +521,14 @@ def save_final(model, cfg: TrainConfig, dist: Dist, tokenizer_dir, base_model=""
 def barrier(dist: Dist):
     if dist.world > 1:
         torchdist.barrier()
+
+
+def load_data(path, kind, tok, cfg: TrainConfig, dist: Dist, **settings):
+    """The tokenized examples of a JSONL file, memory-mapped from the data cache (tokenized into it
+    first, the ranks sharing the work, if it is missing or stale): see data/cache.py."""
+    from data import cache  # local: keeps common.py importable without the data package
+
+    return cache.load(path, kind, tok, settings, cfg.data_cache, dist.rank, dist.world, lambda: barrier(dist))
 
 
 class Preemption:

@@ -21,7 +21,7 @@ import common
 import lora
 import losses
 import model as M
-from data import batching, chat, formats, task
+from data import batching, cache, chat, formats, task
 
 REFERENCE_FREE = ("simpo", "orpo")
 AVERAGED = ("ipo", "sigmoid_norm", "simpo", "orpo")  # losses defined on length-normalised log-probs
@@ -128,16 +128,16 @@ def main(cfg: DPOConfig):
     tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
     policy = common.shard(common.add_lora(M.from_pretrained(model_dir), cfg), dist)
     held_out = []
-    if cfg.data:
-        pairs = load(cfg.data, cfg)
-        eval_pairs = load(cfg.eval_data, cfg) if cfg.eval_data else []
+    if cfg.data:  # tokenized once into the data cache, memory-mapped
+        train = load(cfg.data, tok, cfg, dist)
+        evals = load(cfg.eval_data, tok, cfg, dist) if cfg.eval_data else []
     else:  # built-in task: the SFT model's own answers, judged by the verifier
         tdir = task.ensure_task(task.TASK_DIR)
         held_out = formats.load_prompts(os.path.join(tdir, "test.jsonl"))[:cfg.eval_samples]
         pairs = common.sample_preference_pairs(policy, tok, formats.load_prompts(os.path.join(tdir, "train.jsonl"))[:cfg.pair_prompts],
                                                dist, task.is_correct, cfg.samples_per_prompt, cfg.seed, cfg.max_new_tokens)
         eval_pairs, pairs = pairs[:len(pairs) // 20], pairs[len(pairs) // 20:]
-    train, evals = encode(pairs, tok, cfg), encode(eval_pairs, tok, cfg)
+        train, evals = encode(pairs, tok, cfg), encode(eval_pairs, tok, cfg)
     if 0 < len(evals) < dist.world:
         raise ValueError(f"{len(evals)} held-out examples for {dist.world} processes: give each one at least one")
     common.print0(f"{len(train)} training {'examples' if cfg.loss == 'kto' else 'pairs'}, {len(evals)} held out")
@@ -235,30 +235,21 @@ def main(cfg: DPOConfig):
     common.save_final(policy, cfg, dist, model_dir, model_dir)
 
 
-def load(path, cfg):
-    """Preference pairs; with --loss kto, unpaired {"prompt", "completion", "label"} records too
-    (told apart by the first record's "label" field)."""
-    if cfg.loss == "kto" and "label" in next(iter(formats.read_jsonl(path)), {}):
-        return formats.load_unpaired(path)
-    return formats.load_preference(path)
+def load(path, tok, cfg, dist):
+    """Tokenised pairs of a JSONL file, from the data cache; with --loss kto, unpaired
+    {"prompt", "completion", "label"} records too (told apart by the first record's "label"
+    field), and pairs become unpaired examples as in encode()."""
+    unpaired = cfg.loss == "kto" and "label" in next(formats.iter_jsonl(path))[1]
+    out = common.load_data(path, "unpaired" if unpaired else "preference", tok, cfg, dist,
+                           max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    return cache.Unpaired(out) if cfg.loss == "kto" and not unpaired else out
 
 
 def encode(examples, tok, cfg):
     """Tokenised pairs; for KTO, unpaired examples, each pair giving a desirable and an
     undesirable one (TRL's unpair_preference_dataset)."""
-    if cfg.loss == "kto" and examples and "label" in examples[0]:
-        out = []
-        for ex in examples:  # truncated by the pair rule, as a pair whose two answers are both it
-            e = chat.tokenize_preference({**ex, "chosen": ex["completion"], "rejected": ex["completion"]}, tok,
-                                         cfg.max_length, cfg.max_prompt_length)
-            out.append({"prompt_ids": e["prompt_ids"], "completion_ids": e["chosen_ids"], "label": ex["label"]})
-        return out
     out = [chat.tokenize_preference(ex, tok, cfg.max_length, cfg.max_prompt_length) for ex in examples]
-    if cfg.loss != "kto":
-        return out
-    # all desirable examples, then all undesirable: neighbours (the KL rows) have different prompts
-    return [{"prompt_ids": e["prompt_ids"], "completion_ids": e[k], "label": k == "chosen_ids"}
-            for k in ("chosen_ids", "rejected_ids") for e in out]
+    return cache.Unpaired(out) if cfg.loss == "kto" else out
 
 
 @torch.no_grad()

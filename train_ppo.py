@@ -200,15 +200,16 @@ def main(cfg: PPOConfig):
         if tok.tokenizer.token_to_id(t) is None:
             raise ValueError(f"--stop-tokens: {t!r} is not a single token of {model_dir}'s tokenizer")
         tok.stop_ids.append(tok.tokenizer.token_to_id(t))
-    reward_fn, needs = load_reward_fn(cfg.reward_fn or "data.task:reward_fn") if not cfg.reward_model else (None, ())
+    reward_fn, needs = load_reward_fn(cfg.reward_fn or "data.task:reward_fn") if not cfg.reward_model else (None, [])
     if cfg.data:
-        prompts = formats.load_prompts(cfg.data, needs)
-        held_out = []
+        prompt_file, held_out = cfg.data, []
     else:
         tdir = task.ensure_task(task.TASK_DIR)
-        prompts = formats.load_prompts(os.path.join(tdir, "train.jsonl"), needs)
+        prompt_file = os.path.join(tdir, "train.jsonl")
         held_out = formats.load_prompts(os.path.join(tdir, "test.jsonl"))[:cfg.eval_samples]
-    prompt_ids = [chat.tokenize_prompt(p, tok, cfg.max_prompt_length) for p in prompts]
+    # {"prompt_ids", "record"}: tokenized once into the data cache, memory-mapped
+    prompts = common.load_data(prompt_file, "prompts", tok, cfg, dist, max_prompt_length=cfg.max_prompt_length,
+                              required=needs)
 
     # ---- models
     policy = common.shard(common.add_lora(M.from_pretrained(model_dir), cfg), dist)
@@ -249,7 +250,8 @@ def main(cfg: PPOConfig):
         # ---- rollout: sample group_size completions for each of this rank's prompts
         t0 = time.time()
         idx = batching.batch_indices(len(prompts), cfg.prompts_per_step, cfg.seed, step, dist.rank, dist.world)
-        rows = [prompt_ids[i] for i in idx for _ in range(cfg.group_size)]
+        picked = [prompts[i] for i in idx]
+        rows = [p["prompt_ids"] for p in picked for _ in range(cfg.group_size)]
         ids, pmask = batching.collate_prompts(rows, tok.pad_id)
         ids, pmask = ids.to(dist.device), pmask.to(dist.device)
         # the samples are a function of (seed, step, rank): different on each rank, the same on resume
@@ -275,7 +277,7 @@ def main(cfg: PPOConfig):
                 with common.autocast(dist):
                     scores = rm(seqs, attn)[torch.arange(len(rows), device=dist.device), last].float()
             else:
-                recs = [prompts[i] for i in idx for _ in range(cfg.group_size)]
+                recs = [p["record"] for p in picked for _ in range(cfg.group_size)]
                 keys = dict.fromkeys(k for r in recs for k in r if k != "prompt")  # every record's extra fields
                 fields = {k: [r.get(k) for r in recs] for k in keys}
                 scores = torch.tensor(reward_fn([r["prompt"] for r in recs], texts, **fields),

@@ -61,9 +61,11 @@ def main(cfg: RMConfig):
     if tok.pad_id in tok.stop_ids:
         common.print0("warning: pad token == eos token; transformers will score the token before the final eos")
     rm = common.shard(rm, dist)
-    if cfg.data:
-        pairs = formats.load_preference(cfg.data)
-        eval_pairs = formats.load_preference(cfg.eval_data) if cfg.eval_data else []
+    if cfg.data:  # tokenized once into the data cache, memory-mapped
+        settings = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        enc = common.load_data(cfg.data, "preference", tok, cfg, dist, **settings)
+        evals = common.load_data(cfg.eval_data, "preference", tok, cfg, dist, **settings) if cfg.eval_data else []
+        margins = torch.tensor(enc.column("margin"), dtype=torch.float32)  # NaN: the record has none
     else:  # built-in task: the SFT model's own answers judged by the verifier
         tdir = task.ensure_task(task.TASK_DIR)
         sampler = common.shard(M.from_pretrained(model_dir), dist, train=False)
@@ -71,11 +73,13 @@ def main(cfg: RMConfig):
                                                dist, task.is_correct, cfg.samples_per_prompt, cfg.seed, cfg.max_new_tokens)
         del sampler
         eval_pairs, pairs = pairs[:len(pairs) // 10], pairs[len(pairs) // 10:]
-    enc = [chat.tokenize_preference(ex, tok, cfg.max_length, cfg.max_prompt_length) for ex in pairs]
-    evals = [chat.tokenize_preference(ex, tok, cfg.max_length, cfg.max_prompt_length) for ex in eval_pairs]
-    if cfg.use_margin and (missing := [ex.get("where", "a built-in pair") for ex in pairs if "margin" not in ex]):
-        raise formats.DataError(f"--use-margin: {len(missing)} records have no 'margin' field, e.g. {missing[0]}")
-    margins = torch.tensor([float(ex.get("margin", 0.0)) for ex in pairs])
+        enc = [chat.tokenize_preference(ex, tok, cfg.max_length, cfg.max_prompt_length) for ex in pairs]
+        evals = [chat.tokenize_preference(ex, tok, cfg.max_length, cfg.max_prompt_length) for ex in eval_pairs]
+        margins = torch.full((len(enc),), float("nan"))
+    if cfg.use_margin and (missing := margins.isnan().nonzero().flatten().tolist()):
+        where = enc[missing[0]]["where"] if cfg.data else "a built-in pair"
+        raise formats.DataError(f"--use-margin: {len(missing)} records have no 'margin' field, e.g. {where}")
+    margins = margins.nan_to_num(0.0)
     common.print0(f"{len(enc)} training pairs, {len(evals)} held out")
 
     opt = common.make_optimizer(rm, cfg, dist)

@@ -62,8 +62,9 @@ def main(cfg: SFTConfig):
     tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
     train_path = cfg.data or os.path.join(tdir, "train.jsonl")
     eval_path = cfg.eval_data or ("" if cfg.data else os.path.join(tdir, "test.jsonl"))
-    train = [chat.tokenize_sft(ex, tok, cfg.max_length, cfg.train_on_prompt) for ex in formats.load_sft(train_path)]
-    eval_set = [chat.tokenize_sft(ex, tok, cfg.max_length) for ex in formats.load_sft(eval_path)] if eval_path else []
+    train = common.load_data(train_path, "sft", tok, cfg, dist, max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt)
+    eval_set = common.load_data(eval_path, "sft", tok, cfg, dist, max_length=cfg.max_length, train_on_prompt=False) \
+        if eval_path else []
     # the built-in task also measures exact-match accuracy of greedy answers to held-out prompts
     questions = [] if cfg.data else formats.load_prompts(eval_path)[:cfg.eval_samples]
     common.print0(f"{len(train)} training examples from {train_path}; {len(eval_set)} held out")

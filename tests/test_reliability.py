@@ -266,3 +266,8 @@ def test_identical_pairs_warn_with_count_and_lines(tmp_path):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.warns(UserWarning, match=r"p.jsonl: 2 of 3 pairs have identical chosen and rejected answers \(lines 1, 3\)"):
         formats.load_preference(str(tmp_path / "p.jsonl"))
+    from data import cache  # the scripts' path: the data cache says the same, from its "same" column
+    tok = chat.load_tokenizer(task.ensure_task(str(tmp_path / "task")))
+    for _ in range(2):  # when it builds the cache and when it reuses it
+        with pytest.warns(UserWarning, match=r"p.jsonl: 2 of 3 pairs have identical chosen and rejected answers \(lines 1, 3\)"):
+            cache.load(str(tmp_path / "p.jsonl"), "preference", tok, {"max_length": 64, "max_prompt_length": 32})

@@ -97,7 +97,8 @@ def test_grad_accum_equals_bigger_batch(single, tmp_path):
 def test_resume_equals_uninterrupted(single, tmp_path):
     run(SMALL + ["--out", "o", "--stop-after", "3"], tmp_path)
     assert max(losses(tmp_path / "o")) == 3
-    run(SMALL + ["--out", "o", "--resume"], tmp_path)  # a new process continues at step 3
+    resumed = run(SMALL + ["--out", "o", "--resume"], tmp_path)  # a new process continues at step 3
+    assert "data cache: reusing" in resumed.stdout  # the first run tokenized the data; this one memory-maps it
     a, b = losses(single / "o"), losses(tmp_path / "o")
     assert [b[k] for k in sorted(b)] == [a[k] for k in sorted(a)]
     assert [m["step"] for m in metrics(tmp_path / "o") if "loss" in m] == [1, 2, 3, 4, 5, 6]  # one line per step
