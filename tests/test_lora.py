@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 import common
 import lora
 import model as M
-import train_dpo
 import train_rm
-from helpers import metrics, run_script, series, tiny_model_dir
+from helpers import run_script, series, tiny_model_dir
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
