@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 FAMILIES = {  # model_type -> HF class-name prefix
     "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT2",
@@ -354,56 +355,97 @@ def read_config(path) -> ModelConfig:
         return ModelConfig.from_hf(json.load(f), where)
 
 
-def load_hf_state_dict(path, cfg: ModelConfig, device="cpu", dtype=None) -> dict:
-    """All tensors of an HF checkpoint directory (single file or sharded), under our names."""
+def checkpoint_index(path) -> dict:
+    """{tensor name in the files: file path} of an HF checkpoint directory (single file or sharded).
+    Only headers are read."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    sd = {}
-    for fname in files:
-        sd.update(load_file(os.path.join(path, fname), device=str(device)))
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _layer_of(name: str):
+    """Block number of a checkpoint tensor name (ours, HF Llama-style or GPT-2's), None outside blocks."""
+    p = name.removeprefix("transformer.").split(".")
+    if p[0] == "h":
+        return int(p[1])
+    if p[:2] == ["model", "layers"]:
+        return int(p[2])
+    return None
+
+
+def read_tensors(index: dict, names, cfg: ModelConfig, device="cpu", dtype=None) -> dict:
+    """The checkpoint tensors `names` (file names), under our names, read with safe_open so that
+    only those bytes come off the disk."""
+    sd, by_file = {}, {}
+    for n in names:
+        by_file.setdefault(index[n], []).append(n)
+    for fname, keys in by_file.items():
+        with safe_open(fname, "pt", device=str(device)) as f:
+            sd.update({k: f.get_tensor(k) for k in keys})
     if cfg.gpt2:
         sd = _gpt2_to_ours(sd, cfg.hidden_size)
     return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
 
 
-def from_pretrained(path, head="lm", dtype=torch.float32, device="cpu", seed=0) -> Transformer:
-    """Load an HF directory. The model is built on the meta device and the checkpoint's tensors are
-    assigned in place, so weights are materialised once. head="score" on a causal-LM checkpoint
-    starts a fresh score head (reward and value models begin this way). device="meta" returns the
-    empty model (for FSDP: shard first, then load with `load_hf_state_dict`)."""
+def load_parts(path, head="lm", dtype=torch.float32, device="cpu", seed=0):
+    """Load an HF directory one block at a time: the model is built on the meta device, then each
+    block (and last the rest: embeddings, final norm, head) is read from the safetensors files
+    (only its own tensors) and assigned in place. Yields (model, part) after each part is filled,
+    so that a caller can quantize or shard it before the next one is read; the model holds the
+    checkpoint's weights once the generator is exhausted. head="score" on a causal-LM checkpoint
+    starts a fresh score head (reward and value models begin this way)."""
     cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg, head)
+    index = checkpoint_index(path)
+    names = {}
+    for n in index:
+        if not n.endswith((".attn.bias", ".attn.masked_bias")):  # GPT-2's old causal-mask buffers
+            names.setdefault(_layer_of(n), []).append(n)
+    for i, part in [*enumerate(model.model.layers), (None, model)]:
+        sd = read_tensors(index, names.get(i, []), cfg, device, dtype)
+        prefix = "" if part is model else f"model.layers.{i}."
+        expected = {k: v.shape for k, v in part.state_dict(prefix=prefix).items()
+                    if part is not model or not k.startswith("model.layers.")}
+        if part is model:
+            if head == "score":
+                sd.pop("lm_head.weight", None)
+            if cfg.tie_word_embeddings and head == "lm":
+                expected.pop("lm_head.weight")
+                sd.pop("lm_head.weight", None)
+        fresh_score = part is model and head == "score" and "score.weight" not in sd
+        if fresh_score:
+            expected.pop("score.weight")
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(s)}"
+                  for k, s in expected.items() if k in sd and sd[k].shape != s]
+        if missing or unexpected or shapes:
+            raise ValueError(f"{path}: checkpoint does not match the {cfg.model_type} model:\n"
+                             f"  missing: {missing}\n  unexpected: {unexpected}\n  shape mismatches: {shapes}")
+        part.load_state_dict({k.removeprefix(prefix): v for k, v in sd.items()}, strict=False, assign=True)
+        if fresh_score:
+            model.score.weight = nn.Parameter(torch.empty(1, cfg.hidden_size, dtype=dtype, device=device))
+            model.init_score(seed)
+        if part is model:
+            model.tie_weights()
+        yield model, part
+
+
+def from_pretrained(path, head="lm", dtype=torch.float32, device="cpu", seed=0) -> Transformer:
+    """Load an HF directory (see `load_parts`; weights are materialised once). device="meta"
+    returns the empty model."""
     if str(device) == "meta":
-        return model
-    sd = load_hf_state_dict(path, cfg, device, dtype)
-    if head == "score":
-        sd.pop("lm_head.weight", None)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings and head == "lm":
-        expected.pop("lm_head.weight")
-        sd.pop("lm_head.weight", None)
-    fresh_score = head == "score" and "score.weight" not in sd
-    if fresh_score:
-        expected.pop("score.weight")
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(s)}"
-              for k, s in expected.items() if k in sd and sd[k].shape != s]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path}: checkpoint does not match the {cfg.model_type} model:\n"
-                         f"  missing: {missing}\n  unexpected: {unexpected}\n  shape mismatches: {shapes}")
-    model.load_state_dict(sd, strict=False, assign=True)
-    if fresh_score:
-        model.score.weight = nn.Parameter(torch.empty(1, cfg.hidden_size, dtype=dtype, device=device))
-        model.init_score(seed)
-    model.tie_weights()
+        with torch.device("meta"):
+            return Transformer(read_config(path), head)
+    for model, _ in load_parts(path, head, dtype, device, seed):
+        pass
     return model
 
 
