@@ -25,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+import lora
 import losses
 import model as M
 
@@ -57,6 +58,11 @@ class TrainConfig:
     chunk_size: int = 256     # positions per chunk for log-probs over the vocabulary ([256, V] fp32 buffer)
     chat_format: str = ""     # chatml | llama3 | plain; empty = from the tokenizer (data/chat.py)
     system_prompt: str = ""   # inserted when a conversation has none (e.g. Qwen2.5's default, as its template does)
+    lora_r: int = 0           # LoRA rank; 0 = full fine-tuning (lora.py)
+    lora_alpha: float = 16.0  # scaling = alpha / r (PEFT's default alpha, 8, halves the update at r 16: see README)
+    lora_dropout: float = 0.0  # on the adapters' input (PEFT's default; >0 makes runs depend on the RNG)
+    lora_targets: str = "all-linear"  # PEFT target_modules: leaf names (q_proj,v_proj; GPT-2: c_attn,c_proj,c_fc)
+    use_rslora: bool = False  # scaling = alpha / sqrt(r) (rsLoRA)
 
 
 def parse_config(cls, argv=None):
@@ -193,6 +199,20 @@ def full_state_dict(model, dist: Dist):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def add_lora(model, cfg: TrainConfig, modules_to_save=()):
+    """With --lora-r > 0: adapters on --lora-targets, everything else frozen except
+    `modules_to_save` (a reward model's / critic's fresh `score` head). Call after loading the
+    weights and before `shard`. With --lora-r 0 the model is returned untouched (full fine-tuning)."""
+    if cfg.lora_r < 0:
+        raise ValueError(f"--lora-r must be >= 0 (0 = full fine-tuning), got {cfg.lora_r}")
+    if cfg.lora_r == 0:
+        return model
+    if cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
+        raise ValueError(f"--lora-alpha must be > 0 and --lora-dropout in [0, 1), got {cfg.lora_alpha}, {cfg.lora_dropout}")
+    return lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.use_rslora,
+                           modules_to_save, seed=cfg.seed)
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 def make_optimizer(model, cfg: TrainConfig, dist: Dist):
@@ -250,10 +270,7 @@ def save_checkpoint(out, step, dist: Dist, parts: dict, extra=None):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier(dist)
-    state = {}
-    for name, (model, opt) in parts.items():
-        msd, osd = get_state_dict(model, opt)
-        state[name] = {"model": msd, "optim": osd}
+    state = {name: _trainable_state(model, opt) for name, (model, opt) in parts.items()}
     dcp.save(state, checkpoint_id=tmp)
     torch.save({"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, f"rng_rank{dist.rank}.pt"))
@@ -268,18 +285,24 @@ def save_checkpoint(out, step, dist: Dist, parts: dict, extra=None):
     return final
 
 
+def _trainable_state(model, opt):
+    """The model's trainable tensors (all of them in full fine-tuning; with LoRA the adapters and
+    any trained head) and the optimizer's state: what a resume needs beyond --model."""
+    msd, osd = get_state_dict(model, opt)
+    trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {"model": {k: v for k, v in msd.items() if k in trainable}, "optim": osd}
+
+
 def load_checkpoint(path, dist: Dist, parts: dict) -> dict:
     """Restore what save_checkpoint wrote into `parts` (same names); returns its state.json.
     The RNG state is restored only when the world size matches (it is per rank)."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    sd = {}
-    for name, (model, opt) in parts.items():
-        msd, osd = get_state_dict(model, opt)
-        sd[name] = {"model": msd, "optim": osd}
+    sd = {name: _trainable_state(model, opt) for name, (model, opt) in parts.items()}
     dcp.load(sd, checkpoint_id=path)
     for name, (model, opt) in parts.items():
-        set_state_dict(model, opt, model_state_dict=sd[name]["model"], optim_state_dict=sd[name]["optim"])
+        set_state_dict(model, opt, model_state_dict=sd[name]["model"], optim_state_dict=sd[name]["optim"],
+                       options=StateDictOptions(strict=False))  # frozen tensors come from --model
     rng_file = os.path.join(path, f"rng_rank{dist.rank}.pt")
     if state["world"] == dist.world and os.path.exists(rng_file):
         rng = torch.load(rng_file, weights_only=False)
@@ -300,8 +323,18 @@ def checkpoint_or_stop(done, cfg: TrainConfig, dist: Dist, preempt, parts: dict)
     return stop
 
 
-def save_final(model, cfg: TrainConfig, dist: Dist, tokenizer_dir):
-    """The finished model as an HF directory in out/model, gathered from the shards on rank 0."""
+def save_final(model, cfg: TrainConfig, dist: Dist, tokenizer_dir, base_model=""):
+    """The finished model as an HF directory in out/model, gathered from the shards on rank 0.
+    With LoRA, out/adapter is the adapter in PEFT's format (base_model_name_or_path: `base_model`)
+    and out/model the merged model (adapters folded into the base weights, shard by shard)."""
+    if getattr(model, "lora", None):
+        trainable = {n: p.full_tensor() if hasattr(p, "full_tensor") else p  # collective: every rank
+                     for n, p in model.named_parameters() if p.requires_grad}
+        if dist.main:
+            sd = lora.peft_state_dict(model, {n: t.detach().cpu() for n, t in trainable.items()})
+            path = lora.save_adapter(os.path.join(cfg.out, "adapter"), lora.peft_config(model, base_model), sd)
+            print0(f"saved {path}")
+        lora.merge_(model)
     sd = full_state_dict(model, dist)
     if dist.main:
         path = M.save_pretrained(model, os.path.join(cfg.out, "model"), state_dict=sd, tokenizer_dir=tokenizer_dir)
@@ -422,15 +455,15 @@ def eval_accuracy(model, tok, records, dist: Dist, is_correct, max_new_tokens=16
 SFT_DIR = "runs/sft"
 
 
-def ensure_sft_model(dist: Dist, seed=0, max_steps=0):
+def ensure_sft_model(dist: Dist, seed=0, max_steps=0, out=SFT_DIR):
     """The built-in task's SFT model (runs/sft/model), trained here first if it does not exist, so
     that `train_dpo.py` / `train_ppo.py` with no arguments work from a fresh clone."""
-    path = os.path.join(SFT_DIR, "model")
+    path = os.path.join(out, "model")
     if not os.path.exists(os.path.join(path, "config.json")):
         import train_sft
 
         print0(f"no SFT model at {path}: training it first (train_sft.py defaults)")
-        sft = train_sft.SFTConfig(out=SFT_DIR, seed=seed)
+        sft = train_sft.SFTConfig(out=out, seed=seed)
         if max_steps:
             sft.max_steps = max_steps
         train_sft.main(sft)

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -479,11 +480,7 @@ def save_pretrained(model: Transformer, path, state_dict=None, tokenizer_dir=Non
         sd.pop("lm_head.weight", None)  # HF stores the tied matrix once, as the embedding
     if model.cfg.gpt2:
         sd = _ours_to_gpt2(sd)
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-    try:
+    with atomic_dir(path) as tmp:
         shards, cur, size = [], {}, 0
         for k in sorted(sd):
             nbytes = sd[k].numel() * sd[k].element_size()
@@ -508,7 +505,20 @@ def save_pretrained(model: Transformer, path, state_dict=None, tokenizer_dir=Non
         for fname in TOKENIZER_FILES if tokenizer_dir else ():
             if os.path.exists(os.path.join(tokenizer_dir, fname)):
                 shutil.copy(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
-        if os.path.exists(path):  # swap: the old directory is removed only after the new one is in place
+    return os.path.abspath(path)
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yields a temp directory beside `path` to fill; on success it replaces `path` (the old one is
+    removed only after the new one is in place), on error it is deleted: never a half-written dir."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(path):
             old = tmp + ".old"
             os.rename(path, old)
             os.rename(tmp, path)
@@ -518,7 +528,6 @@ def save_pretrained(model: Transformer, path, state_dict=None, tokenizer_dir=Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 # ----------------------------------------------------------------------------- generation

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import common
+import lora
 import losses
 import model as M
 from data import batching, chat, formats, task
@@ -30,7 +31,7 @@ AVERAGED = ("ipo", "simpo", "orpo")  # losses defined on length-normalised log-p
 class DPOConfig(common.TrainConfig):
     """Preference optimisation: DPO and its family."""
     model: str = ""             # policy init (HF dir); default: the built-in task's SFT model
-    ref_model: str = ""         # frozen reference; default: --model
+    ref_model: str = ""         # frozen reference; default: --model (with --lora-r: the policy with adapters off)
     out: str = "runs/dpo"
     loss: str = "sigmoid"       # a losses.DPO_LOSS_TYPES entry, or simpo | orpo | kto
     beta: float = 0.1
@@ -119,7 +120,7 @@ def main(cfg: DPOConfig):
     # ---- data
     model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed, cfg.sft_steps)
     tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None)
-    policy = common.shard(M.from_pretrained(model_dir), dist)
+    policy = common.shard(common.add_lora(M.from_pretrained(model_dir), cfg), dist)
     held_out = []
     if cfg.data:
         pairs = load(cfg.data, cfg)
@@ -137,7 +138,9 @@ def main(cfg: DPOConfig):
 
     # ---- models
     ref = None
-    if cfg.loss not in REFERENCE_FREE:
+    if cfg.loss not in REFERENCE_FREE and cfg.lora_r and not cfg.ref_model:
+        ref = policy  # the reference is the policy with its adapters off (lora.adapters_disabled): no second copy
+    elif cfg.loss not in REFERENCE_FREE:
         ref = common.shard(M.from_pretrained(cfg.ref_model or model_dir), dist, train=False).eval()
     cache = None
     if cfg.precompute_ref and ref is not None:
@@ -160,7 +163,7 @@ def main(cfg: DPOConfig):
         if cache is not None:
             ref_lp = tuple(torch.cat([t[idx, 0], t[idx, 1]]).to(dist.device) for t in cache[split])
         elif ref is not None:
-            with torch.no_grad():
+            with torch.no_grad(), lora.adapters_disabled(ref):
                 ref_lp = sequence_logps(ref, batch, dist, cfg)[:2]
         else:
             ref_lp = None
@@ -174,7 +177,7 @@ def main(cfg: DPOConfig):
             policy.eval()
             sums, count = {}, 0
             # unsharded: ranks may run different numbers of batches, so no collectives inside
-            with torch.no_grad(), common.unsharded(policy), common.unsharded(ref) if ref is not None else nullcontext():
+            with torch.no_grad(), common.unsharded(policy), common.unsharded(ref) if ref not in (None, policy) else nullcontext():
                 mine = list(range(dist.rank, len(evals), dist.world))  # every rank has one example at least
                 for i in range(0, len(mine), cfg.batch_size):
                     idx = mine[i:i + cfg.batch_size]
@@ -223,7 +226,7 @@ def main(cfg: DPOConfig):
 
     # ---- eval and save
     evaluate(cfg.max_steps)
-    common.save_final(policy, cfg, dist, model_dir)
+    common.save_final(policy, cfg, dist, model_dir, model_dir)
 
 
 def load(path, cfg):
@@ -259,7 +262,7 @@ def precompute(ref, examples, dist, cfg, pad_id):
     Each rank scores a strided slice (unsharded: no collectives); slices are summed over ranks."""
     n = len(examples)
     sums, means = torch.zeros(n, 2, dtype=torch.float64), torch.zeros(n, 2, dtype=torch.float64)
-    with common.unsharded(ref):
+    with common.unsharded(ref), lora.adapters_disabled(ref):
         for i in range(dist.rank * cfg.batch_size, n, cfg.batch_size * dist.world):
             idx = list(range(i, min(i + cfg.batch_size, n)))
             rows = kto_rows(examples, idx) if cfg.loss == "kto" else [examples[j] for j in idx]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import common
+import lora
 import losses
 import model as M
 from data import batching, chat, formats, task
@@ -38,7 +39,7 @@ class PPOConfig(common.TrainConfig):
     """Online RL: PPO, GRPO, RLOO."""
     algo: str = "grpo"           # ppo | grpo | rloo
     model: str = ""              # policy init (HF dir); default: the built-in task's SFT model
-    ref_model: str = ""          # KL reference; default: --model
+    ref_model: str = ""          # KL reference; default: --model (with --lora-r: the policy with adapters off)
     out: str = "runs/ppo"
     reward_fn: str = ""          # module:function(prompts, completions, **fields) -> floats; default: the task verifier
     reward_model: str = ""       # HF dir with a score head (overrides --reward-fn)
@@ -134,14 +135,19 @@ def main(cfg: PPOConfig):
     reward_fn = load_reward_fn(cfg.reward_fn or "data.task:reward_fn") if not cfg.reward_model else None
 
     # ---- models
-    policy = common.shard(M.from_pretrained(model_dir), dist)
-    ref = common.shard(M.from_pretrained(cfg.ref_model or model_dir), dist, train=False).eval() if cfg.beta else None
+    policy = common.shard(common.add_lora(M.from_pretrained(model_dir), cfg), dist)
+    ref = None
+    if cfg.beta and cfg.lora_r and not cfg.ref_model:
+        ref = policy  # the policy with its adapters off (lora.adapters_disabled): no second copy
+    elif cfg.beta:
+        ref = common.shard(M.from_pretrained(cfg.ref_model or model_dir), dist, train=False).eval()
     rm = common.shard(M.from_pretrained(cfg.reward_model, head="score"), dist, train=False).eval() \
         if cfg.reward_model else None
     critic = None
     if cfg.algo == "ppo":
-        critic = common.shard(M.from_pretrained(cfg.value_model or cfg.reward_model or model_dir, head="score",
-                                                seed=cfg.seed), dist)
+        # with LoRA: its own frozen copy of the base, its own adapters and a trained score head
+        critic = common.shard(common.add_lora(M.from_pretrained(cfg.value_model or cfg.reward_model or model_dir,
+                                                                head="score", seed=cfg.seed), cfg, ("score",)), dist)
     opt = common.make_optimizer(policy, cfg, dist)
     vopt = common.make_optimizer(critic, cfg, dist) if critic is not None else None
     if vopt is not None:
@@ -202,7 +208,8 @@ def main(cfg: PPOConfig):
             if cfg.missing_eos_penalty:
                 scores = scores - cfg.missing_eos_penalty * (~ended).float()
             old_logps, entropy = completion_logps(policy, seqs, attn, P, dist, cfg, entropy=True)
-            ref_logps = completion_logps(ref, seqs, attn, P, dist, cfg) if ref is not None else old_logps
+            with lora.adapters_disabled(ref) if ref is not None else nullcontext():
+                ref_logps = completion_logps(ref, seqs, attn, P, dist, cfg) if ref is not None else old_logps
             kl = losses.kl_penalty(old_logps, ref_logps, "k1")  # per token, for the PPO reward and the log
             if cfg.algo == "ppo":
                 old_values = completion_values(critic, seqs, attn, P, dist)
@@ -283,7 +290,7 @@ def main(cfg: PPOConfig):
 
     # ---- eval and save
     evaluate(cfg.max_steps)
-    common.save_final(policy, cfg, dist, model_dir)
+    common.save_final(policy, cfg, dist, model_dir, model_dir)
 
 
 if __name__ == "__main__":

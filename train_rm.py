@@ -54,7 +54,7 @@ def main(cfg: RMConfig):
     # ---- data and model
     model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed)
     tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None)
-    rm = M.from_pretrained(model_dir, head="score", seed=cfg.seed)
+    rm = common.add_lora(M.from_pretrained(model_dir, head="score", seed=cfg.seed), cfg, ("score",))
     rm.cfg.pad_token_id = tok.pad_id  # transformers finds the last token through pad_token_id
     if tok.pad_id in tok.stop_ids:
         common.print0("warning: pad token == eos token; transformers will score the token before the final eos")
@@ -127,7 +127,7 @@ def main(cfg: RMConfig):
 
     # ---- eval and save
     evaluate(cfg.max_steps)
-    common.save_final(rm, cfg, dist, model_dir)
+    common.save_final(rm, cfg, dist, model_dir, model_dir)
 
 
 if __name__ == "__main__":

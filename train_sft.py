@@ -2,6 +2,7 @@
 Supervised fine-tuning: next-token NLL on the completion (assistant) tokens.
 
     python train_sft.py                                    # built-in task, tiny model from scratch, CPU
+    python train_sft.py --lora-r 16 --lr 3e-3              # LoRA on a base pretrained by a short run (runs/sft_base)
     torchrun --standalone --nproc_per_node 2 train_sft.py  # the same on 2 processes (FSDP2, gloo)
     torchrun --nproc_per_node 8 train_sft.py --model Qwen2.5-0.5B-Instruct --data sft.jsonl --lr 1e-5
 
@@ -33,6 +34,10 @@ class SFTConfig(common.TrainConfig):
     max_new_tokens: int = 16
     packing: bool = False      # pack short examples into rows of max_length tokens
     train_on_prompt: bool = False
+    lora_base_steps: int = 300  # built-in task with --lora-r: full-FT steps of the base it adapts (runs/sft_base)
+
+
+BASE_DIR = "runs/sft_base"
 
 
 def sft_batches(examples, cfg, dist, step, pad_id):
@@ -62,11 +67,15 @@ def main(cfg: SFTConfig):
     common.print0(f"{len(train)} training examples from {train_path}; {len(eval_set)} held out")
 
     # ---- model
-    if cfg.model:
-        model = M.from_pretrained(cfg.model)
+    base = cfg.model
+    if not base and cfg.lora_r:  # LoRA adapts a pretrained model: on the built-in task, a short full-FT run's
+        base = common.ensure_sft_model(dist, cfg.seed, cfg.lora_base_steps, out=BASE_DIR)
+    if base:
+        model = M.from_pretrained(base)
     else:  # the built-in task trains its tiny model from scratch
         model = M.Transformer(M.read_config(model_dir))
         model.init_weights(seed=cfg.seed)
+    model = common.add_lora(model, cfg)
     model.grad_checkpointing = cfg.grad_ckpt
     common.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, world {dist.world}")
     model = common.shard(model, dist)
@@ -126,7 +135,7 @@ def main(cfg: SFTConfig):
 
     # ---- eval and save
     evaluate(cfg.max_steps)
-    common.save_final(model, cfg, dist, model_dir)
+    common.save_final(model, cfg, dist, model_dir, base)
 
 
 if __name__ == "__main__":
