@@ -474,32 +474,40 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def save_pretrained(model: Transformer, path, state_dict=None, tokenizer_dir=None, max_shard_bytes=5 * 2**30):
     """Write an HF directory atomically (temp dir, then rename). `state_dict` overrides the model's
-    own (e.g. a full state dict gathered from FSDP shards on rank 0)."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
-    if model.head == "lm" and model.cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # HF stores the tied matrix once, as the embedding
-    if model.cfg.gpt2:
-        sd = _ours_to_gpt2(sd)
+    own: a dict, or an iterable of dicts written as they come (a model gathered one block at a time
+    from FSDP shards: each shard file is written once full, so the whole state dict never exists)."""
+    chunks = [state_dict or model.state_dict()] if state_dict is None or isinstance(state_dict, dict) else state_dict
     with atomic_dir(path) as tmp:
-        shards, cur, size = [], {}, 0
-        for k in sorted(sd):
-            nbytes = sd[k].numel() * sd[k].element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards, cur, size = shards + [cur], {}, 0
-            cur[k], size = sd[k], size + nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        files, cur, size, total, dtype = [], {}, 0, 0, None
+
+        def flush():
+            files.append((os.path.join(tmp, f"part-{len(files)}.safetensors"), list(cur)))
+            save_file(cur, files[-1][0], metadata={"format": "pt"})
+            cur.clear()
+
+        for chunk in chunks:
+            sd = {k: v.detach().cpu().contiguous() for k, v in chunk.items()}
+            if model.head == "lm" and model.cfg.tie_word_embeddings:
+                sd.pop("lm_head.weight", None)  # HF stores the tied matrix once, as the embedding
+            if model.cfg.gpt2:
+                sd = _ours_to_gpt2(sd)
+            for k in sorted(sd):
+                nbytes = sd[k].numel() * sd[k].element_size()
+                if cur and size + nbytes > max_shard_bytes:
+                    flush()
+                    size = 0
+                cur[k], size, total, dtype = sd[k], size + nbytes, total + nbytes, dtype or sd[k].dtype
+        flush()
+        if len(files) == 1:
+            os.rename(files[0][0], os.path.join(tmp, "model.safetensors"))
         else:
             weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in sd.values())
+            for i, (fname, keys) in enumerate(files):
+                final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+                os.rename(fname, os.path.join(tmp, final))
+                weight_map.update({k: final for k in keys})
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        dtype = next(iter(sd.values())).dtype
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config(model, dtype), f, indent=2)
         for fname in TOKENIZER_FILES if tokenizer_dir else ():
