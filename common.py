@@ -131,8 +131,14 @@ def setup(cfg: TrainConfig) -> Dist:
     torch.manual_seed(cfg.seed)
     if cfg.quantize not in ("", "nf4"):
         raise ValueError(f"--quantize must be nf4 or empty, got {cfg.quantize!r}")
+    if cfg.quantize and cfg.lora_r <= 0:
+        # a quantized reference beside a full-precision policy would start the KL away from zero
+        raise ValueError(f"--quantize {cfg.quantize} freezes the base weights: it needs --lora-r > 0 (QLoRA)")
     if cfg.double_quant and not cfg.quantize:
         raise ValueError("--double-quant quantizes the NF4 constants: it needs --quantize nf4")
+    if cfg.cpu_offload and device.type != "cuda":
+        raise ValueError("--cpu-offload moves FSDP2's parameters, gradients and optimizer state from the GPU to host "
+                         "memory: it needs a GPU (on a CPU they are in host memory already)")
     if cfg.cpu_offload and world == 1:
         raise ValueError("--cpu-offload is FSDP2's: start the script with torchrun (--nproc_per_node 1 is fine)")
     return Dist(rank, world, device, torch.bfloat16 if bf16 else None, cfg.cpu_offload)
@@ -196,7 +202,7 @@ def load_model(path, cfg: TrainConfig, dist: Dist, head="lm", train=True, adapt=
     final norm and head come last."""
     lora_on = adapt and cfg.lora_r > 0
     if cfg.quantize and train and not lora_on:
-        raise ValueError(f"--quantize {cfg.quantize} freezes the base weights of the trained model: it needs --lora-r > 0 (QLoRA)")
+        raise ValueError(f"--quantize {cfg.quantize}: a trained model needs adapters (adapt=True, --lora-r > 0)")
     g = torch.Generator().manual_seed(cfg.seed)  # one stream for every block's adapters: as one apply_lora call
     for model, part in M.load_parts(path, head, device=dist.device, seed=seed):
         if part is not model:

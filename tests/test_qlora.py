@@ -12,7 +12,7 @@ import common
 import lora
 import model as M
 import nf4
-from helpers import ROOT, run_script, tiny_model_dir
+from helpers import run_script, tiny_model_dir
 from test_lora import SFT, assert_same_runs
 
 
@@ -91,20 +91,20 @@ def test_streamed_load_and_save_two_processes(base, tmp_path):
         torch.testing.assert_close(hf(ids).logits, want_q, rtol=0, atol=1e-4)  # fused vs eager attention only
 
 
-QLORA = SFT + ["--quantize", "nf4"]
-
-
 def test_qlora_sft_one_vs_two_processes_and_resume(base, tmp_path):
+    task = os.path.join(os.path.dirname(base), "task")
+    QLORA = SFT + ["--quantize", "nf4", "--data", os.path.join(task, "train.jsonl"),
+                   "--eval-data", os.path.join(task, "test.jsonl")]
     run_script("train_sft.py", QLORA + ["--model", base, "--out", "one"], tmp_path)
     run_script("train_sft.py", QLORA + ["--model", base, "--out", "two", "--batch-size", "4"], tmp_path, nproc=2)
-    assert_same_runs(tmp_path / "one", tmp_path / "two", rtol=1e-4, atol=1e-5)
+    assert_same_runs(tmp_path / "one", tmp_path / "two", 1e-5, 1e-4)  # as test_lora.py: summation order only
     run_script("train_sft.py", QLORA + ["--model", base, "--out", "res", "--stop-after", "3"], tmp_path)
     run_script("train_sft.py", QLORA + ["--model", base, "--out", "res", "--resume"], tmp_path)
     assert_same_runs(tmp_path / "one", tmp_path / "res", 0.0, 0.0)  # resume repeats the same fp32 arithmetic
 
 
-def test_quantize_needs_lora(base, tmp_path):
-    p = run_script("train_sft.py", ["--model", base, "--out", "o", "--quantize", "nf4", "--max-steps", "1"], tmp_path, check=False)
-    assert p.returncode != 0 and "needs --lora-r" in p.stderr
-    with pytest.raises(ValueError, match="--quantize must be nf4"):
-        common.setup(common.TrainConfig(quantize="int4"))
+def test_bad_quantize_flags():
+    for flags, message in [(dict(quantize="nf4"), "needs --lora-r"), (dict(quantize="int4", lora_r=8), "--quantize must be nf4"),
+                           (dict(double_quant=True), "needs --quantize nf4"), (dict(cpu_offload=True), "needs a GPU")]:
+        with pytest.raises(ValueError, match=message):
+            common.setup(common.TrainConfig(**flags))
