@@ -60,7 +60,7 @@ class TrainConfig:
     chat_format: str = ""     # chatml | llama3 | plain; empty = from the tokenizer (data/chat.py)
     system_prompt: str = ""   # inserted when a conversation has none (e.g. Qwen2.5's default, as its template does)
     lora_r: int = 0           # LoRA rank; 0 = full fine-tuning (lora.py)
-    lora_alpha: float = 16.0  # scaling = alpha / r (PEFT's default alpha, 8, halves the update at r 16: see README)
+    lora_alpha: float = 16.0  # scaling = alpha / r: 1 at r 16, 2 at r 8 (PEFT's default 8 is 0.5 at r 16; recipes use r..2r)
     lora_dropout: float = 0.0  # on the adapters' input (PEFT's default; >0 makes runs depend on the RNG)
     lora_targets: str = "all-linear"  # PEFT target_modules: leaf names (q_proj,v_proj; GPT-2: c_attn,c_proj,c_fc)
     use_rslora: bool = False  # scaling = alpha / sqrt(r) (rsLoRA)

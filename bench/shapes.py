@@ -15,4 +15,9 @@ SHAPES = {
                          tie_word_embeddings=True, rope_theta=5e5, rope_scaling={
                              "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 8192}),
+    # Llama 3.2 1B's body with a 32k vocabulary (Llama 2's): 1.04B parameters, so that full fine-tuning
+    # of a 1B model (16 bytes per parameter + the reference) fits a 24 GB CPU box for bench/lora.py
+    "llama-1b-32k": dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         tie_word_embeddings=True, rope_theta=5e5),
 }

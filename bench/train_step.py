@@ -6,6 +6,7 @@ autocast / token_logps / optimizer_step and losses.sft_loss / dpo_loss.
     python bench/train_step.py                                            # CPU: the tiny shape
     python bench/train_step.py --shape qwen2.5-0.5b --seq-len 2048 --batch 4   # one GPU, bf16
     python bench/train_step.py --shape llama-3.2-1b --algo dpo --grad-ckpt true
+    python bench/train_step.py --shape llama-1b-32k --algo dpo --lora-r 16   # LoRA: reference = adapters off
 
 One JSON line per algorithm:
   tokens_per_s   SFT: batch * seq_len per step; DPO: batch * 2 * seq_len (chosen and rejected rows
@@ -20,7 +21,8 @@ Model FLOPs are counted for the work the step does (not 6 * params * tokens): 2 
 multiply-add of every linear layer over the positions it sees, the LM head only over positions
 with a loss, attention as 4 * head_dim * heads * layers per attended (query, key) pair (read off
 the mask, so causal halving and DPO's shared prompt are counted exactly), x3 for forward +
-backward of the trained policy, x1 for DPO's reference forward.
+backward of the trained policy (x2 with LoRA: the frozen weights get no gradient, the adapters'
+FLOPs are negligible), x1 for DPO's reference forward.
 """
 import argparse
 import json
@@ -33,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import lora  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
 from data import batching  # noqa: E402
@@ -51,15 +54,19 @@ p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) 
 p.add_argument("--grad-ckpt", type=common._parse_bool, default=False)
 p.add_argument("--chunk-size", type=int, default=common.TrainConfig.chunk_size)
 p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = torch's default")
+p.add_argument("--layers", type=int, default=0, help="override the shape's number of layers (0 = as the shape)")
+p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on every projection (alpha 16); DPO's reference is "
+               "then the policy with its adapters off; 0 = full fine-tuning")
 a = p.parse_args()
 if a.threads:
     torch.set_num_threads(a.threads)
 
-cfg = common.TrainConfig(dtype=a.dtype, lr=1e-5, warmup_steps=0, max_steps=10**9, grad_ckpt=a.grad_ckpt)
+cfg = common.TrainConfig(dtype=a.dtype, lr=1e-5, warmup_steps=0, max_steps=10**9, grad_ckpt=a.grad_ckpt, lora_r=a.lora_r)
 dist = common.setup(cfg)
 dev = dist.device
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-mcfg = M.ModelConfig.from_hf({"max_position_embeddings": 4 * a.seq_len, "rms_norm_eps": 1e-6, **SHAPES[a.shape]})
+mcfg = M.ModelConfig.from_hf({"max_position_embeddings": 4 * a.seq_len, "rms_norm_eps": 1e-6, **SHAPES[a.shape],
+                              **({"num_hidden_layers": a.layers} if a.layers else {})})
 with torch.device("meta"):  # parameters of the linear layers between the embedding and the LM head
     BODY = sum(p.numel() for n, p in M.Transformer(mcfg).named_parameters() if p.dim() == 2 and n.startswith("model.layers"))
 
@@ -83,7 +90,7 @@ def new_model():
     m = M.Transformer(mcfg)
     m.init_weights(seed=0)
     m.grad_checkpointing = a.grad_ckpt
-    return common.shard(m, dist)
+    return common.shard(common.add_lora(m, cfg), dist)
 
 
 def forward_flops(batch, n_head_positions):
@@ -112,13 +119,13 @@ def step(algo, batch):
     logps, mask = common.token_logps(policy, batch, dist, a.chunk_size)
     if algo == "sft":
         loss = losses.sft_loss(logps, mask, n_loss)
-        flops = 3 * forward_flops(batch, n_loss)
+        flops = (2 if a.lora_r else 3) * forward_flops(batch, n_loss)
     else:
-        with torch.no_grad():
+        with torch.no_grad(), lora.adapters_disabled(ref):
             ref_logps, _ = common.token_logps(ref, batch, dist, a.chunk_size)
         seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)
         loss = losses.dpo_loss(seq[:a.batch], seq[a.batch:], ref_seq[:a.batch], ref_seq[a.batch:])[0].mean()
-        flops = 4 * forward_flops(batch, n_loss)
+        flops = (3 if a.lora_r else 4) * forward_flops(batch, n_loss)
     loss.backward()
     common.optimizer_step(policy, opt, 0, cfg)
     return flops
@@ -129,7 +136,9 @@ datasheet = next((v for k, v in DATASHEET_BF16.items() if dev.type == "cuda" and
 for algo in a.algo.split(","):
     policy = new_model()
     ref = None
-    if algo == "dpo":
+    if algo == "dpo" and a.lora_r:
+        ref = policy  # no second copy
+    elif algo == "dpo":
         ref = new_model()
         ref.requires_grad_(False).eval()
     opt = common.make_optimizer(policy, cfg, dist)
@@ -148,9 +157,10 @@ for algo in a.algo.split(","):
     tokens = a.steps * a.batch * a.seq_len * (2 if algo == "dpo" else 1)
     mem = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
-        "algo": algo, "shape": a.shape, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "algo": algo, "shape": a.shape, "layers": mcfg.num_layers, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "dtype": str(dist.autocast_dtype or torch.float32).removeprefix("torch."), "seq_len": a.seq_len, "batch": a.batch,
         "grad_ckpt": a.grad_ckpt, "params_m": round(sum(p.numel() for p in policy.parameters()) / 1e6, 2),
+        "lora_r": a.lora_r, "trainable_m": round(sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6, 2),
         "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt / a.steps, 4),
         "model_tflops_per_s": round(flops / dt / 1e12, 4), "peak_tflops_measured": round(peak / 1e12, 3),
         "mfu_measured": round(flops / dt / peak, 4),

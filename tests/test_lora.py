@@ -91,7 +91,7 @@ def test_adapters_off_is_the_base_exactly():
 # ----------------------------------------------------------------------------- in the scripts
 
 SFT = ["--max-steps", "6", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0", "--eval-samples", "16",
-       "--batch-size", "8", "--lr", "3e-2", "--lora-r", "8"]
+       "--batch-size", "8", "--lr", "3e-3", "--lora-r", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,13 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(base, tmp_path_factory):
     d = tmp_path_factory.mktemp("single")
-    run_script("train_sft.py", SFT + ["--model", base, "--out", "o"], d)
+    sft(base, ["--out", "o"], d)
     return d
+
+
+def sft(base, args, cwd, nproc=1):
+    data = os.path.join(os.path.dirname(base), "task", "train.jsonl")  # tiny_model_dir wrote the task there
+    return run_script("train_sft.py", SFT + ["--model", base, "--data", data] + args, cwd, nproc)
 
 
 def adapter(out):
@@ -122,7 +127,7 @@ def assert_same_runs(a, b, rtol, atol):
 
 
 def test_lora_sft_one_vs_two_processes(single, base, tmp_path):
-    run_script("train_sft.py", SFT + ["--model", base, "--out", "o", "--batch-size", "4"], tmp_path, nproc=2)  # 2 x 4 = 8
+    sft(base, ["--out", "o", "--batch-size", "4"], tmp_path, nproc=2)  # 2 x 4 = 8
     assert_same_runs(single / "o", tmp_path / "o", 1e-5, 1e-4)
     # the merged export is the same model on 1 and 2 processes
     a, b = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (single / "o", tmp_path / "o"))
@@ -131,16 +136,16 @@ def test_lora_sft_one_vs_two_processes(single, base, tmp_path):
 
 
 def test_lora_sft_grad_accum_and_resume(single, base, tmp_path):
-    run_script("train_sft.py", SFT + ["--model", base, "--out", "acc", "--batch-size", "2", "--grad-accum", "4"], tmp_path)
+    sft(base, ["--out", "acc", "--batch-size", "2", "--grad-accum", "4"], tmp_path)
     assert_same_runs(single / "o", tmp_path / "acc", 1e-5, 1e-4)
-    run_script("train_sft.py", SFT + ["--model", base, "--out", "r", "--stop-after", "3"], tmp_path)
+    sft(base, ["--out", "r", "--stop-after", "3"], tmp_path)
     ckpt = tmp_path / "r" / "checkpoints" / "step_00000003"
     import torch.distributed.checkpoint as dcp
     keys = list(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
     model_keys = [k for k in keys if k.startswith("model.model.")]
     assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys), model_keys  # adapters only
     assert sum(os.path.getsize(ckpt / f) for f in os.listdir(ckpt)) < 0.5 * os.path.getsize(os.path.join(base, "model.safetensors"))
-    run_script("train_sft.py", SFT + ["--model", base, "--out", "r", "--resume"], tmp_path)
+    sft(base, ["--out", "r", "--resume"], tmp_path)
     assert_same_runs(single / "o", tmp_path / "r", 0.0, 0.0)  # resume repeats the same fp32 arithmetic
 
 
@@ -190,11 +195,13 @@ def test_dpo_lora_one_vs_two_processes(pairs, tmp_path):
     assert one.keys() == two.keys() and all(abs(one[k] - two[k]) < 1e-5 for k in one), (one, two)
 
 
-def test_grpo_lora_two_processes(base, tmp_path):
-    args = ["--model", base, "--out", "o", "--max-steps", "2", "--prompts-per-step", "4", "--group-size", "4",
-            "--max-new-tokens", "6", "--eval-every", "0", "--eval-samples", "8", "--log-every", "1", "--lora-r", "8"]
-    run_script("train_ppo.py", args, tmp_path, nproc=2)
+def test_ppo_lora_reference_and_critic(base, tmp_path):
+    args = ["--model", base, "--out", "o", "--algo", "ppo", "--beta", "0.05", "--max-steps", "2", "--prompts-per-step", "4",
+            "--group-size", "2", "--max-new-tokens", "6", "--eval-every", "0", "--eval-samples", "8", "--log-every", "1",
+            "--lora-r", "8"]
+    run_script("train_ppo.py", args, tmp_path)  # FSDP with the adapters-off reference: test_dpo_lora_one_vs_two_processes
     assert series(tmp_path / "o", "kl")[1] == 0.0  # adapters start at B = 0: the reference is the policy exactly
+    assert sorted(series(tmp_path / "o", "value_loss")) == [1, 2]  # the critic (adapters + score head) trains
     assert os.path.exists(tmp_path / "o" / "adapter" / "adapter_model.safetensors")
 
 
