@@ -25,6 +25,9 @@ NF4 = torch.tensor([
     0.7229568362236023, 1.0])
 
 
+PAIRS = torch.stack((NF4.repeat_interleave(16), NF4.repeat(16)), -1)  # [256, 2]: a byte's two levels
+
+
 def dynamic_map():
     """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`, Dettmers 2015): a sign, a
     run of zeros giving the decimal exponent 10^-6..10^0, then a linear fraction in (0.1, 1)."""
@@ -47,7 +50,7 @@ def _blockwise(x, code, block):
     absmax = xb.abs().amax(-1)
     scaled = torch.clamp(xb * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1)
     mids = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(scaled.reshape(-1), mids.to(x.device)).to(torch.uint8), absmax
+    return torch.bucketize(scaled.reshape(-1), mids.to(x.device), out_int32=True).to(torch.uint8), absmax
 
 
 def quantize(w, double_quant=False):
@@ -76,8 +79,10 @@ def dequantize(shape, dtype, codes, absmax=None, qabsmax=None, absmax2=None, off
         n = len(qabsmax)
         scale = DYNAMIC.to(codes.device)[F.pad(qabsmax, (0, -n % BLOCK2)).long()].view(-1, BLOCK2) * absmax2[:, None]
         absmax = scale.reshape(-1)[:n] + offset
-    q = torch.stack((codes >> 4, codes & 15), -1).reshape(-1).long()
-    return (NF4.to(codes.device)[q].view(-1, BLOCK) * absmax[:, None]).view(shape).to(dtype)
+    # one lookup per byte into its two levels (high nibble first): an int32 index (2 bytes per
+    # weight) besides the fp32 result, where int64 indices per nibble would take 8
+    w = PAIRS.to(codes.device).index_select(0, codes.int()).view(-1, BLOCK).mul_(absmax[:, None])
+    return w.view(shape).to(dtype)
 
 
 class _NF4Matmul(torch.autograd.Function):

@@ -15,7 +15,7 @@ import nf4
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
-SHAPES = [(128, 64), (96, 256), (384, 128), (100, 192)]
+SHAPES = [(128, 64), (96, 256), (100, 192)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -41,7 +41,7 @@ def test_nf4_bit_identical_to_bitsandbytes(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_double_quant_matches_bitsandbytes(dtype):
     ties, total = 0, 0
-    for seed, shape in enumerate(SHAPES + [(1024, 512)]):
+    for seed, shape in enumerate(SHAPES + [(512, 512)]):
         w = weight(shape, dtype, seed)
         packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         ours = nf4.quantize(w, double_quant=True)
