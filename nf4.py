@@ -97,7 +97,8 @@ class _NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return g @ dequantize(ctx.shape, g.dtype, *ctx.saved_tensors), None, *([None] * len(ctx.saved_tensors))
+        qt = ctx.saved_tensors  # once: under activation checkpointing a second read is an error
+        return g @ dequantize(ctx.shape, g.dtype, *qt), None, *([None] * len(qt))
 
 
 class NF4Linear(nn.Module):
