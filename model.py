@@ -383,15 +383,14 @@ def _layer_of(name: str):
 def read_tensors(index: dict, names, cfg: ModelConfig, device="cpu", dtype=None) -> dict:
     """The checkpoint tensors `names` (file names), under our names, read with safe_open so that
     only those bytes come off the disk."""
-    sd, by_file = {}, {}
+    sd = {}
     for n in names:
-        by_file.setdefault(index[n], []).append(n)
-    for fname, keys in by_file.items():
-        with safe_open(fname, "pt", device=str(device)) as f:
-            sd.update({k: f.get_tensor(k) for k in keys})
-    if cfg.gpt2:
-        sd = _gpt2_to_ours(sd, cfg.hidden_size)
-    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
+        # one tensor per open: the file's mapped pages (in RSS while mapped) go with it, and the
+        # file-dtype copy is dropped at once
+        with safe_open(index[n], "pt", device=str(device)) as f:
+            t = f.get_tensor(n)
+        sd[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return _gpt2_to_ours(sd, cfg.hidden_size) if cfg.gpt2 else sd
 
 
 def load_parts(path, head="lm", dtype=torch.float32, device="cpu", seed=0):

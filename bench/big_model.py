@@ -125,7 +125,8 @@ out = {"shape": a.shape, "layers": hf["num_hidden_layers"], "algo": a.algo, "wor
            p.numel() for p in M.from_pretrained(ckpt, device="meta").parameters()) / 1e9, 3),
        "write_ckpt_s": round(write_s, 1), "load_s": round(load_s, 1), "rss_before_load_mb": base_rss,
        "peak_rss_after_load_mb": rss_mb()}
-print(json.dumps(out), flush=True) if dist.main else None
+if dist.main:
+    print(json.dumps(out), flush=True)
 
 if a.algo == "dpo":
     ref = policy if a.lora_r else common.load_model(ckpt, cfg, dist, train=False).eval()
@@ -150,6 +151,9 @@ if a.algo == "dpo":
         t4 = time.perf_counter()
         for k, dt in zip(phases, (t1 - t, t2 - t1, t3 - t2, t4 - t3)):
             phases[k] += dt
+        peak = rss_mb()
+        if dist.main:
+            print(json.dumps({"step": step, "s": round(t4 - t, 1), "peak_rss_mb": peak}), flush=True)
     out["s_per_step"] = round(sum(phases.values()) / a.steps, 2)
     out.update({k + "_s": round(v / a.steps, 2) for k, v in phases.items()})
     if a.quantize:  # one dequantization of every projection (local shards' layers as one process sees them)
