@@ -200,7 +200,7 @@ def load_model(path, cfg: TrainConfig, dist: Dist, head="lm", train=True, adapt=
     base's), given its adapters (`adapt` with --lora-r) and sharded before the next block is read,
     so a rank holds its own shards plus about one block, never the whole model. The embeddings,
     final norm and head come last."""
-    lora_on = adapt and cfg.lora_r > 0
+    lora_on = adapt and cfg.lora_r != 0  # add_lora rejects a negative rank
     if cfg.quantize and train and not lora_on:
         raise ValueError(f"--quantize {cfg.quantize}: a trained model needs adapters (adapt=True, --lora-r > 0)")
     g = torch.Generator().manual_seed(cfg.seed)  # one stream for every block's adapters: as one apply_lora call
