@@ -34,7 +34,7 @@ class LoRALinear(nn.Module):
         self.base_layer, self.r, self.alpha = base_layer, r, alpha
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        w = dense_weight(base_layer)
+        w = dense_weight(base_layer)  # for the dtype and device (a quantized base dequantizes once, here)
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=w.device, dtype=w.dtype)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)  # PEFT's (and nn.Linear's) init
@@ -57,6 +57,8 @@ def resolve_targets(model, targets: str):
     """--lora-targets (PEFT target_modules: comma-separated leaf names, or all-linear) -> our leaf
     names. GPT-2 takes HF's names (c_attn, c_proj, c_fc)."""
     names = [t.strip() for t in targets.split(",") if t.strip()]
+    if {"lm_head", "score"} & set(names):  # the chunked log-probs read the head's weight directly
+        raise ValueError(f"--lora-targets {targets!r}: adapters on the head are not supported (a score head trains fully)")
     if names == ["all-linear"]:
         return set(ALL_LINEAR)
     if model.cfg.gpt2:
@@ -126,10 +128,18 @@ def merge_(model):
     DTensor gathers the small A), so no rank holds an unsharded model. Dense bases only (a quantized
     base has no weight to fold into: `dense_state_dict` exports it)."""
     for name, m in lora_layers(model):
-        w = dense_weight(m.base_layer)
-        w.add_((m.lora_B.weight.float() @ m.lora_A.weight.float() * m.scaling).to(w.dtype))
+        base, w = m.base_layer, dense_weight(m.base_layer)
+        delta = (m.lora_B.weight.float() @ m.lora_A.weight.float() * m.scaling).to(w.dtype)
+        if isinstance(base, nn.Linear):
+            w.add_(delta)
+        else:  # a quantized base has no dense weight to update: the merged layer is a dense nn.Linear
+            bias = getattr(base, "bias", None)
+            base = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+            base.weight = nn.Parameter(w + delta, requires_grad=False)
+            if bias is not None:
+                base.bias = nn.Parameter(bias.detach().to(w.dtype), requires_grad=False)
         parent, leaf = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-        setattr(parent, leaf, m.base_layer)
+        setattr(parent, leaf, base)
     return model
 
 

@@ -2,8 +2,8 @@
 Supervised fine-tuning: next-token NLL on the completion (assistant) tokens.
 
     python train_sft.py                                    # built-in task, tiny model from scratch, CPU
-    python train_sft.py --lora-r 16 --lr 3e-3              # LoRA on a base pretrained by a short run (runs/sft_base)
     torchrun --standalone --nproc_per_node 2 train_sft.py  # the same on 2 processes (FSDP2, gloo)
+    python train_sft.py --lora-r 16                        # LoRA adapters on a base from a short full-FT run (runs/sft_base)
     torchrun --nproc_per_node 8 train_sft.py --model Qwen2.5-0.5B-Instruct --data sft.jsonl --lr 1e-5
 
 The loss of an optimizer step is the mean over ALL its completion tokens, across micro-batches

@@ -88,6 +88,38 @@ def test_adapters_off_is_the_base_exactly():
     assert not any(p.requires_grad for n, p in ours.named_parameters() if "lora_" not in n)
 
 
+class Dequantizing(torch.nn.Module):
+    """A stand-in for a quantized linear (issue 12's NF4): no `weight`, only `dequantize()`."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features, self.bias = linear.in_features, linear.out_features, linear.bias
+        self.register_buffer("packed", linear.weight.detach().clone())
+
+    def dequantize(self):
+        return self.packed
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.dequantize(), self.bias)
+
+
+def test_any_base_with_in_out_features_and_dequantize():
+    model = M.Transformer(M.ModelConfig(num_layers=1, qkv_bias=True))
+    model.init_weights(seed=0)
+    for name, m in list(model.named_modules()):
+        if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+            parent, leaf = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            setattr(parent, leaf, Dequantizing(m))
+    lora.apply_lora(model, r=4, alpha=8)
+    randomize_adapters(model)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids)
+        lora.merge_(model)
+        assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # merged into a dense layer
+        assert (model(ids) - want).abs().max() <= 1e-5
+
+
 # ----------------------------------------------------------------------------- in the scripts
 
 SFT = ["--max-steps", "6", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0", "--eval-samples", "16",
@@ -205,7 +237,8 @@ def test_ppo_lora_reference_and_critic(base, tmp_path):
     assert os.path.exists(tmp_path / "o" / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("flags,message", [(["--lora-r", "-1"], "--lora-r"), (["--lora-r", "4", "--lora-targets", "qproj"], "--lora-targets")])
+@pytest.mark.parametrize("flags,message", [(["--lora-r", "-1"], "--lora-r"), (["--lora-r", "4", "--lora-targets", "qproj"], "--lora-targets"),
+                                           (["--lora-r", "4", "--lora-targets", "lm_head"], "--lora-targets")])
 def test_bad_lora_flags(pairs, tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         dpo(pairs, tmp_path / "o", *flags)
