@@ -125,8 +125,8 @@ def adapters_disabled(model):
 def merge_(model):
     """Fold scaling * B @ A into each base weight and unwrap it, in place: the model becomes the plain
     HF-named model. Works on FSDP2's sharded DTensors too (B and W are both sharded by output row;
-    DTensor gathers the small A), so no rank holds an unsharded model. Dense bases only (a quantized
-    base has no weight to fold into: `dense_state_dict` exports it)."""
+    DTensor gathers the small A), so no rank holds an unsharded model. The scripts' export is
+    `dense_state_dict` instead, block by block, which leaves the model as it is."""
     for name, m in lora_layers(model):
         base, w = m.base_layer, dense_weight(m.base_layer)
         delta = (m.lora_B.weight.float() @ m.lora_A.weight.float() * m.scaling).to(w.dtype)
