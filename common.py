@@ -28,12 +28,13 @@ import torch.distributed as torchdist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import lora
 import losses
 import model as M
+import nf4
 
 
 # ----------------------------------------------------------------------------- config
@@ -72,6 +73,9 @@ class TrainConfig:
     lora_targets: str = "all-linear"  # PEFT target_modules: leaf names (q_proj,v_proj; GPT-2: c_attn,c_proj,c_fc)
     use_rslora: bool = False  # scaling = alpha / sqrt(r) (rsLoRA)
     data_cache: str = ""      # tokenized-data cache directory; empty = <data file>.cache beside each file (data/cache.py)
+    quantize: str = ""        # nf4: frozen base projections in 4-bit NormalFloat (QLoRA with --lora-r; nf4.py)
+    double_quant: bool = False  # with nf4: the per-block absmax constants in 8 bits too (QLoRA's double quantization)
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: parameters, gradients, optimizer state in host memory
     report_to: str = ""       # wandb and/or tensorboard (comma list): metrics.jsonl's records there too, from rank 0
 
     # Allowed values of the numeric flags as intervals; a numeric flag not listed must be >= 0.
@@ -154,6 +158,7 @@ class Dist:
     world: int
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16 compute where wanted, None = fp32
+    offload: bool = False  # --cpu-offload
 
     @property
     def main(self):
@@ -186,7 +191,19 @@ def setup(cfg: TrainConfig) -> Dist:
         # as TF32: 10 mantissa bits, more than the bf16 the rest of the model runs in
         torch.set_float32_matmul_precision("high")
     torch.manual_seed(cfg.seed)
-    return Dist(rank, world, device, torch.bfloat16 if bf16 else None)
+    if cfg.quantize not in ("", "nf4"):
+        raise ValueError(f"--quantize must be nf4 or empty, got {cfg.quantize!r}")
+    if cfg.quantize and cfg.lora_r <= 0:
+        # a quantized reference beside a full-precision policy would start the KL away from zero
+        raise ValueError(f"--quantize {cfg.quantize} freezes the base weights: it needs --lora-r > 0 (QLoRA)")
+    if cfg.double_quant and not cfg.quantize:
+        raise ValueError("--double-quant quantizes the NF4 constants: it needs --quantize nf4")
+    if cfg.cpu_offload and device.type != "cuda":
+        raise ValueError("--cpu-offload moves FSDP2's parameters, gradients and optimizer state from the GPU to host "
+                         "memory: it needs a GPU (on a CPU they are in host memory already)")
+    if cfg.cpu_offload and world == 1:
+        raise ValueError("--cpu-offload is FSDP2's: start the script with torchrun (--nproc_per_node 1 is fine)")
+    return Dist(rank, world, device, torch.bfloat16 if bf16 else None, cfg.cpu_offload)
 
 
 def _leave_process_group():
@@ -218,13 +235,49 @@ def shard(model, dist: Dist, train=True):
     model.to(dist.device)
     if not train:
         model.requires_grad_(False)
+    for block in model.model.layers:
+        _shard_part(block, dist)
+    return _shard_part(model, dist)
+
+
+def _shard_part(part, dist: Dist):
+    """fully_shard one block or, last, the root. An NF4 layer gets an FSDP unit of its own with no
+    dtype cast: its packed uint8 codes are all-gathered as bytes (FSDP2 gathers a unit of mixed
+    dtypes as bytes), and a bf16 copy of its fp32 absmax would move every weight it scales."""
     if dist.world == 1:
-        return model
+        return part
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dist.autocast_dtype is not None and dist.device.type == "cuda" else MixedPrecisionPolicy()
-    for block in model.model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    offload = {"offload_policy": CPUOffloadPolicy()} if dist.offload else {}
+    for m in part.modules() if not isinstance(part, M.Transformer) else ():  # the root's: sharded with their blocks
+        if isinstance(m, nf4.NF4Linear):
+            fully_shard(m, mp_policy=MixedPrecisionPolicy(), **offload)
+    return fully_shard(part, mp_policy=mp, **offload)
+
+
+def load_model(path, cfg: TrainConfig, dist: Dist, head="lm", train=True, adapt=False, modules_to_save=(), seed=0):
+    """An HF checkpoint loaded streamed, ready to train or score, in place of from_pretrained +
+    add_lora + shard: built on the meta device, then each block is read from the safetensors
+    files (its tensors only), quantized (--quantize: a frozen model's projections, or a LoRA
+    base's), given its adapters (`adapt` with --lora-r) and sharded before the next block is read,
+    so a rank holds its own shards plus about one block, never the whole model. The embeddings,
+    final norm and head come last."""
+    lora_on = adapt and cfg.lora_r != 0  # add_lora rejects a negative rank
+    if cfg.quantize and train and not lora_on:
+        raise ValueError(f"--quantize {cfg.quantize}: a trained model needs adapters (adapt=True, --lora-r > 0)")
+    g = torch.Generator().manual_seed(cfg.seed)  # one stream for every block's adapters: as one apply_lora call
+    for model, part in M.load_parts(path, head, device=dist.device, seed=seed):
+        if part is not model:
+            if cfg.quantize:
+                nf4.quantize_model(part, double_quant=cfg.double_quant)
+            if lora_on:
+                add_lora(model, cfg, modules_to_save, part=part, generator=g)
+        elif lora_on:
+            lora.freeze_base(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, modules_to_save)
+        if not train:
+            part.requires_grad_(False)
+        model.grad_checkpointing = cfg.grad_ckpt
+        _shard_part(part, dist)
     return model
 
 
@@ -254,14 +307,7 @@ def unsharded(model):
             m.set_reshard_after_forward(m is not model, recurse=False)
 
 
-def full_state_dict(model, dist: Dist):
-    """The whole model's state dict on CPU on rank 0 (empty elsewhere), gathered from the shards."""
-    if dist.world == 1:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def add_lora(model, cfg: TrainConfig, modules_to_save=()):
+def add_lora(model, cfg: TrainConfig, modules_to_save=(), part=None, generator=None):
     """With --lora-r > 0: adapters on --lora-targets, everything else frozen except
     `modules_to_save` (a reward model's / critic's fresh `score` head). Call after loading the
     weights and before `shard`. With --lora-r 0 the model is returned untouched (full fine-tuning)."""
@@ -272,7 +318,7 @@ def add_lora(model, cfg: TrainConfig, modules_to_save=()):
     if cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
         raise ValueError(f"--lora-alpha must be > 0 and --lora-dropout in [0, 1), got {cfg.lora_alpha}, {cfg.lora_dropout}")
     return lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.use_rslora,
-                           modules_to_save, seed=cfg.seed)
+                           modules_to_save, seed=cfg.seed, part=part, generator=generator)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -500,7 +546,7 @@ def checkpoint_or_stop(done, cfg: TrainConfig, dist: Dist, preempt, parts: dict)
 def save_final(model, cfg: TrainConfig, dist: Dist, tokenizer_dir, base_model=""):
     """The finished model as an HF directory in out/model, gathered from the shards on rank 0.
     With LoRA, out/adapter is the adapter in PEFT's format (base_model_name_or_path: `base_model`)
-    and out/model the merged model (adapters folded into the base weights, shard by shard)."""
+    and out/model the merged model (adapters folded into dequantized base weights, block by block)."""
     assert_finite_weights([model], cfg.max_steps, dist)
     if getattr(model, "lora", None):
         trainable = {n: p.full_tensor() if hasattr(p, "full_tensor") else p  # collective: every rank
@@ -509,13 +555,31 @@ def save_final(model, cfg: TrainConfig, dist: Dist, tokenizer_dir, base_model=""
             sd = lora.peft_state_dict(model, {n: t.detach().cpu() for n, t in trainable.items()})
             path = lora.save_adapter(os.path.join(cfg.out, "adapter"), lora.peft_config(model, base_model), sd)
             print0(f"saved {path}")
-        lora.merge_(model)
-    sd = full_state_dict(model, dist)
+    chunks = hf_state_chunks(model, dist)
     if dist.main:
         with writing(os.path.join(cfg.out, "model")):
-            path = M.save_pretrained(model, os.path.join(cfg.out, "model"), state_dict=sd, tokenizer_dir=tokenizer_dir)
+            path = M.save_pretrained(model, os.path.join(cfg.out, "model"), state_dict=chunks, tokenizer_dir=tokenizer_dir)
         print0(f"saved {path}")
+    for _ in chunks:  # the other ranks take part in each block's all-gather
+        pass
     barrier(dist)
+
+
+def hf_state_chunks(model, dist: Dist):
+    """The model's tensors as a dense HF model has them (NF4 dequantized, LoRA merged; see
+    lora.dense_state_dict), one block at a time then the root, on CPU on rank 0 (empty elsewhere).
+    Each block is all-gathered, exported and freed before the next, so no rank ever holds the whole
+    state dict. Every rank must iterate it (the all-gathers are collective)."""
+    parts = [(b, f"model.layers.{i}.") for i, b in enumerate(model.model.layers)] + [(model, "")]
+    for part, prefix in parts:
+        units = [m for m in ([part] if part is model else part.modules()) if isinstance(m, FSDPModule)]
+        for m in units:
+            m.unshard()  # this unit's own parameters (a root's exclude its blocks')
+        sd = lora.dense_state_dict(part, prefix, exclude="model.layers." if part is model else None) if dist.main else {}
+        # copies: resharding frees the gathered parameters' storage
+        yield {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+        for m in units:
+            m.reshard()
 
 
 def barrier(dist: Dist):

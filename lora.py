@@ -69,27 +69,39 @@ def resolve_targets(model, targets: str):
     return set(names)
 
 
-def apply_lora(model, r, alpha, dropout=0.0, targets="all-linear", rslora=False, modules_to_save=(), seed=0):
+def apply_lora(model, r, alpha, dropout=0.0, targets="all-linear", rslora=False, modules_to_save=(), seed=0,
+               part=None, generator=None):
     """Wrap every module whose leaf name is a target in a LoRALinear, in place, after the weights
     are loaded (HF key names load unchanged). Freezes everything except the adapters and
-    `modules_to_save` (e.g. ("score",)). The adapters' init is a function of `seed` alone."""
+    `modules_to_save` (e.g. ("score",)). The adapters' init is a function of `seed` alone.
+    `part` (a block) wraps that block's modules only, as the streamed loader (common.load_model)
+    does block by block before sharding each: with one `generator` for all blocks, then
+    `freeze_base`, the result equals one call on the whole model."""
     if r <= 0:
         raise ValueError(f"--lora-r must be > 0 to add adapters, got {r}")
     wanted = resolve_targets(model, targets)
-    g = torch.Generator().manual_seed(seed)
-    hits = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in wanted and hasattr(m, "in_features")]
+    g = torch.Generator().manual_seed(seed) if generator is None else generator
+    scope = model if part is None else part
+    hits = [(n, m) for n, m in scope.named_modules() if n.rsplit(".", 1)[-1] in wanted and hasattr(m, "in_features")]
     if not hits:
         raise ValueError(f"--lora-targets {targets!r} matches no module of the {model.cfg.model_type} model "
                          f"(its projections: {', '.join(sorted(GPT2_TARGETS) if model.cfg.gpt2 else ALL_LINEAR)})")
-    model.requires_grad_(False)
     for name, m in hits:
-        parent, leaf = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        parent, leaf = scope.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
         setattr(parent, leaf, LoRALinear(m, r, alpha, dropout, rslora, g))
+    if part is None:
+        freeze_base(model, r, alpha, dropout, rslora, modules_to_save)
+    return model
+
+
+def freeze_base(model, r, alpha, dropout, rslora, modules_to_save):
+    """Only the adapters and `modules_to_save` train; records the LoRA settings on the model."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in n or ".lora_B." in n)
     for name in modules_to_save:
         model.get_submodule(name).requires_grad_(True)
     model.lora = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora, modules_to_save=list(modules_to_save),
-                      targets=sorted({n.rsplit(".", 1)[-1] for n, _ in hits}))
-    return model
+                      targets=sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)}))
 
 
 def lora_layers(model):
@@ -113,7 +125,8 @@ def adapters_disabled(model):
 def merge_(model):
     """Fold scaling * B @ A into each base weight and unwrap it, in place: the model becomes the plain
     HF-named model. Works on FSDP2's sharded DTensors too (B and W are both sharded by output row;
-    DTensor gathers the small A), so no rank holds an unsharded model."""
+    DTensor gathers the small A), so no rank holds an unsharded model. The scripts' export is
+    `dense_state_dict` instead, block by block, which leaves the model as it is."""
     for name, m in lora_layers(model):
         base, w = m.base_layer, dense_weight(m.base_layer)
         delta = (m.lora_B.weight.float() @ m.lora_A.weight.float() * m.scaling).to(w.dtype)
@@ -128,6 +141,29 @@ def merge_(model):
         parent, leaf = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
         setattr(parent, leaf, base)
     return model
+
+
+@torch.no_grad()
+def dense_state_dict(module, prefix="", exclude=None):
+    """`module`'s tensors under their HF-style names (`prefix` + name) as the plain model has them:
+    quantized bases dequantized, adapters merged into their base (new tensors, the module is
+    unchanged). Names starting with `exclude` are left out. Run on full (unsharded) parameters."""
+    out, done = {}, []
+    for name, m in module.named_modules(prefix=prefix.rstrip(".")):
+        if any(name.startswith(d) for d in done) or (exclude and name.startswith(exclude)):
+            continue
+        if isinstance(m, LoRALinear) or hasattr(m, "dequantize"):
+            base = m.base_layer if isinstance(m, LoRALinear) else m
+            w = dense_weight(base).detach().clone()
+            if isinstance(m, LoRALinear):
+                w.add_((m.lora_B.weight.float() @ m.lora_A.weight.float() * m.scaling).to(w.dtype))
+            out[name + ".weight"] = w
+            if base.bias is not None:
+                out[name + ".bias"] = base.bias
+            done.append(name + ".")
+        else:
+            out.update({f"{name}.{k}" if name else k: p for k, p in m.named_parameters(recurse=False)})
+    return out
 
 
 def peft_config(model, base_model_name_or_path):

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 FAMILIES = {  # model_type -> HF class-name prefix
     "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT2",
@@ -364,60 +364,106 @@ def read_config(path) -> ModelConfig:
         raise ValueError(f"{where}: missing field {e.args[0]!r}") from None
 
 
-def load_hf_state_dict(path, cfg: ModelConfig, device="cpu", dtype=None) -> dict:
-    """All tensors of an HF checkpoint directory (single file or sharded), under our names."""
+def checkpoint_index(path) -> dict:
+    """{tensor name in the files: file path} of an HF checkpoint directory (single file or sharded).
+    Only headers are read."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    try:
+        with safe_open(single, "pt") as f:
+            return {k: single for k in f.keys()}
+    except SafetensorError as e:
+        raise unreadable(single, e) from None
+
+
+def unreadable(path, e):
+    return ValueError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt: download or save it again")
+
+
+def _layer_of(name: str):
+    """Block number of a checkpoint tensor name (ours, HF Llama-style or GPT-2's), None outside blocks."""
+    p = name.removeprefix("transformer.").split(".")
+    if p[0] == "h":
+        return int(p[1])
+    if p[:2] == ["model", "layers"]:
+        return int(p[2])
+    return None
+
+
+def read_tensors(index: dict, names, cfg: ModelConfig, device="cpu", dtype=None) -> dict:
+    """The checkpoint tensors `names` (file names), under our names, read with safe_open so that
+    only those bytes come off the disk."""
     sd = {}
-    for fname in files:
+    for n in names:
+        # one tensor per open: the file's mapped pages (in RSS while mapped) go with it, and the
+        # file-dtype copy is dropped at once
         try:
-            sd.update(load_file(os.path.join(path, fname), device=str(device)))
+            with safe_open(index[n], "pt", device=str(device)) as f:
+                t = f.get_tensor(n)
         except SafetensorError as e:
-            raise ValueError(f"{os.path.join(path, fname)}: not a readable safetensors file ({e}); it is truncated or "
-                             "corrupt: download or save it again") from None
-    if cfg.gpt2:
-        sd = _gpt2_to_ours(sd, cfg.hidden_size)
-    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
+            raise unreadable(index[n], e) from None
+        sd[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return _gpt2_to_ours(sd, cfg.hidden_size) if cfg.gpt2 else sd
 
 
-def from_pretrained(path, head="lm", dtype=torch.float32, device="cpu", seed=0) -> Transformer:
-    """Load an HF directory. The model is built on the meta device and the checkpoint's tensors are
-    assigned in place, so weights are materialised once. head="score" on a causal-LM checkpoint
-    starts a fresh score head (reward and value models begin this way). device="meta" returns the
-    empty model (for FSDP: shard first, then load with `load_hf_state_dict`)."""
+def load_parts(path, head="lm", dtype=torch.float32, device="cpu", seed=0):
+    """Load an HF directory one block at a time: the model is built on the meta device, then each
+    block (and last the rest: embeddings, final norm, head) is read from the safetensors files
+    (only its own tensors) and assigned in place. Yields (model, part) after each part is filled,
+    so that a caller can quantize or shard it before the next one is read; the model holds the
+    checkpoint's weights once the generator is exhausted. head="score" on a causal-LM checkpoint
+    starts a fresh score head (reward and value models begin this way)."""
     cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg, head)
+    index = checkpoint_index(path)
+    names = {}
+    for n in index:
+        if not n.endswith((".attn.bias", ".attn.masked_bias")):  # GPT-2's old causal-mask buffers
+            names.setdefault(_layer_of(n), []).append(n)
+    for i, part in [*enumerate(model.model.layers), (None, model)]:
+        sd = read_tensors(index, names.get(i, []), cfg, device, dtype)
+        prefix = "" if part is model else f"model.layers.{i}."
+        expected = {k: v.shape for k, v in part.state_dict(prefix=prefix).items()
+                    if part is not model or not k.startswith("model.layers.")}
+        if part is model:
+            if head == "score":
+                sd.pop("lm_head.weight", None)
+            if cfg.tie_word_embeddings and head == "lm":
+                expected.pop("lm_head.weight")
+                sd.pop("lm_head.weight", None)
+        fresh_score = part is model and head == "score" and "score.weight" not in sd
+        if fresh_score:
+            expected.pop("score.weight")
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(s)}"
+                  for k, s in expected.items() if k in sd and sd[k].shape != s]
+        if missing or unexpected or shapes:
+            raise ValueError(f"{path}: checkpoint does not match the {cfg.model_type} model:\n"
+                             f"  missing: {missing}\n  unexpected: {unexpected}\n  shape mismatches: {shapes}")
+        part.load_state_dict({k.removeprefix(prefix): v for k, v in sd.items()}, strict=False, assign=True)
+        if fresh_score:
+            model.score.weight = nn.Parameter(torch.empty(1, cfg.hidden_size, dtype=dtype, device=device))
+            model.init_score(seed)
+        if part is model:
+            model.tie_weights()
+        yield model, part
+
+
+def from_pretrained(path, head="lm", dtype=torch.float32, device="cpu", seed=0) -> Transformer:
+    """Load an HF directory (see `load_parts`; weights are materialised once). device="meta"
+    returns the empty model."""
     if str(device) == "meta":
-        return model
-    sd = load_hf_state_dict(path, cfg, device, dtype)
-    if head == "score":
-        sd.pop("lm_head.weight", None)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings and head == "lm":
-        expected.pop("lm_head.weight")
-        sd.pop("lm_head.weight", None)
-    fresh_score = head == "score" and "score.weight" not in sd
-    if fresh_score:
-        expected.pop("score.weight")
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(s)}"
-              for k, s in expected.items() if k in sd and sd[k].shape != s]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path}: checkpoint does not match the {cfg.model_type} model:\n"
-                         f"  missing: {missing}\n  unexpected: {unexpected}\n  shape mismatches: {shapes}")
-    model.load_state_dict(sd, strict=False, assign=True)
-    if fresh_score:
-        model.score.weight = nn.Parameter(torch.empty(1, cfg.hidden_size, dtype=dtype, device=device))
-        model.init_score(seed)
-    model.tie_weights()
+        with torch.device("meta"):
+            return Transformer(read_config(path), head)
+    for model, _ in load_parts(path, head, dtype, device, seed):
+        pass
     return model
 
 
@@ -445,32 +491,40 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def save_pretrained(model: Transformer, path, state_dict=None, tokenizer_dir=None, max_shard_bytes=5 * 2**30):
     """Write an HF directory atomically (temp dir, then rename). `state_dict` overrides the model's
-    own (e.g. a full state dict gathered from FSDP shards on rank 0)."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
-    if model.head == "lm" and model.cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # HF stores the tied matrix once, as the embedding
-    if model.cfg.gpt2:
-        sd = _ours_to_gpt2(sd)
+    own: a dict, or an iterable of dicts written as they come (a model gathered one block at a time
+    from FSDP shards: each shard file is written once full, so the whole state dict never exists)."""
+    chunks = [state_dict or model.state_dict()] if state_dict is None or isinstance(state_dict, dict) else state_dict
     with atomic_dir(path) as tmp:
-        shards, cur, size = [], {}, 0
-        for k in sorted(sd):
-            nbytes = sd[k].numel() * sd[k].element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards, cur, size = shards + [cur], {}, 0
-            cur[k], size = sd[k], size + nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        files, cur, size, total, dtype = [], {}, 0, 0, None
+
+        def flush():
+            files.append((os.path.join(tmp, f"part-{len(files)}.safetensors"), list(cur)))
+            save_file(cur, files[-1][0], metadata={"format": "pt"})
+            cur.clear()
+
+        for chunk in chunks:
+            sd = {k: v.detach().cpu().contiguous() for k, v in chunk.items()}
+            if model.head == "lm" and model.cfg.tie_word_embeddings:
+                sd.pop("lm_head.weight", None)  # HF stores the tied matrix once, as the embedding
+            if model.cfg.gpt2:
+                sd = _ours_to_gpt2(sd)
+            for k in sorted(sd):
+                nbytes = sd[k].numel() * sd[k].element_size()
+                if cur and size + nbytes > max_shard_bytes:
+                    flush()
+                    size = 0
+                cur[k], size, total, dtype = sd[k], size + nbytes, total + nbytes, dtype or sd[k].dtype
+        flush()
+        if len(files) == 1:
+            os.rename(files[0][0], os.path.join(tmp, "model.safetensors"))
         else:
             weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in sd.values())
+            for i, (fname, keys) in enumerate(files):
+                final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+                os.rename(fname, os.path.join(tmp, final))
+                weight_map.update({k: final for k in keys})
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        dtype = next(iter(sd.values())).dtype
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config(model, dtype), f, indent=2)
         for fname in TOKENIZER_FILES if tokenizer_dir else ():

@@ -126,7 +126,7 @@ def main(cfg: DPOConfig):
     # ---- data
     model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed, cfg.sft_steps)
     tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
-    policy = common.shard(common.add_lora(M.from_pretrained(model_dir), cfg), dist)
+    policy = common.load_model(model_dir, cfg, dist, adapt=True)
     held_out = []
     if cfg.data:  # tokenized once into the data cache, memory-mapped
         train = load(cfg.data, tok, cfg, dist)
@@ -147,7 +147,7 @@ def main(cfg: DPOConfig):
     if cfg.loss not in REFERENCE_FREE and cfg.lora_r and not cfg.ref_model:
         ref = policy  # the reference is the policy with its adapters off (lora.adapters_disabled): no second copy
     elif cfg.loss not in REFERENCE_FREE:
-        ref = common.shard(M.from_pretrained(cfg.ref_model or model_dir), dist, train=False).eval()
+        ref = common.load_model(cfg.ref_model or model_dir, cfg, dist, train=False).eval()
     cache = None
     if cfg.precompute_ref and ref is not None:
         cache = {"train": precompute(ref, train, dist, cfg, tok.pad_id), "eval": precompute(ref, evals, dist, cfg, tok.pad_id)}

@@ -212,19 +212,19 @@ def main(cfg: PPOConfig):
                               required=needs)
 
     # ---- models
-    policy = common.shard(common.add_lora(M.from_pretrained(model_dir), cfg), dist)
+    policy = common.load_model(model_dir, cfg, dist, adapt=True)
     ref = None
     if cfg.beta and cfg.lora_r and not cfg.ref_model:
         ref = policy  # the policy with its adapters off (lora.adapters_disabled): no second copy
     elif cfg.beta:
-        ref = common.shard(M.from_pretrained(cfg.ref_model or model_dir), dist, train=False).eval()
-    rm = common.shard(M.from_pretrained(cfg.reward_model, head="score"), dist, train=False).eval() \
+        ref = common.load_model(cfg.ref_model or model_dir, cfg, dist, train=False).eval()
+    rm = common.load_model(cfg.reward_model, cfg, dist, head="score", train=False).eval() \
         if cfg.reward_model else None
     critic = None
     if cfg.algo == "ppo":
         # with LoRA: its own frozen copy of the base, its own adapters and a trained score head
-        critic = common.shard(common.add_lora(M.from_pretrained(cfg.value_model or cfg.reward_model or model_dir,
-                                                                head="score", seed=cfg.seed), cfg, ("score",)), dist)
+        critic = common.load_model(cfg.value_model or cfg.reward_model or model_dir, cfg, dist, head="score",
+                                   adapt=True, modules_to_save=("score",), seed=cfg.seed)
     opt = common.make_optimizer(policy, cfg, dist)
     vopt = common.make_optimizer(critic, cfg, dist) if critic is not None else None
     if vopt is not None:

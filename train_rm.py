@@ -56,11 +56,10 @@ def main(cfg: RMConfig):
     # ---- data and model
     model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed)
     tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
-    rm = common.add_lora(M.from_pretrained(model_dir, head="score", seed=cfg.seed), cfg, ("score",))
+    rm = common.load_model(model_dir, cfg, dist, head="score", adapt=True, modules_to_save=("score",), seed=cfg.seed)
     rm.cfg.pad_token_id = tok.pad_id  # transformers finds the last token through pad_token_id
     if tok.pad_id in tok.stop_ids:
         common.print0("warning: pad token == eos token; transformers will score the token before the final eos")
-    rm = common.shard(rm, dist)
     if cfg.data:  # tokenized once into the data cache, memory-mapped
         settings = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
         enc = common.load_data(cfg.data, "preference", tok, cfg, dist, **settings)
@@ -68,7 +67,7 @@ def main(cfg: RMConfig):
         margins = torch.tensor(enc.column("margin"), dtype=torch.float32)  # NaN: the record has none
     else:  # built-in task: the SFT model's own answers judged by the verifier
         tdir = task.ensure_task(task.TASK_DIR)
-        sampler = common.shard(M.from_pretrained(model_dir), dist, train=False)
+        sampler = common.load_model(model_dir, cfg, dist, train=False)
         pairs = common.sample_preference_pairs(sampler, tok, formats.load_prompts(os.path.join(tdir, "train.jsonl"))[:cfg.pair_prompts],
                                                dist, task.is_correct, cfg.samples_per_prompt, cfg.seed, cfg.max_new_tokens)
         del sampler

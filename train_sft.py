@@ -73,15 +73,14 @@ def main(cfg: SFTConfig):
     base = cfg.model
     if not base and cfg.lora_r:  # LoRA adapts a pretrained model: on the built-in task, a short full-FT run's
         base = common.ensure_sft_model(dist, cfg.seed, cfg.lora_base_steps, out=BASE_DIR)
-    if base:
-        model = M.from_pretrained(base)
+    if base:  # streamed: quantized (--quantize), adapted (--lora-r) and sharded block by block
+        model = common.load_model(base, cfg, dist, adapt=True)
     else:  # the built-in task trains its tiny model from scratch
         model = M.Transformer(M.read_config(model_dir))
         model.init_weights(seed=cfg.seed)
-    model = common.add_lora(model, cfg)
-    model.grad_checkpointing = cfg.grad_ckpt
+        model.grad_checkpointing = cfg.grad_ckpt
+        model = common.shard(model, dist)
     common.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, world {dist.world}")
-    model = common.shard(model, dist)
     opt = common.make_optimizer(model, cfg, dist)
     start = 0
     if cfg.resume and (ckpt := common.latest_checkpoint(cfg.out)):
