@@ -592,7 +592,13 @@ def load_data(path, kind, tok, cfg: TrainConfig, dist: Dist, **settings):
     first, the ranks sharing the work, if it is missing or stale): see data/cache.py."""
     from data import cache  # local: keeps common.py importable without the data package
 
-    return cache.load(path, kind, tok, settings, cfg.data_cache, dist.rank, dist.world, lambda: barrier(dist))
+    def from_rank0(obj):
+        box = [obj]
+        if dist.world > 1:
+            torchdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return cache.load(path, kind, tok, settings, cfg.data_cache, dist.rank, dist.world, lambda: barrier(dist), from_rank0)
 
 
 class Preemption:

@@ -170,14 +170,17 @@ def _complete(path, k):
         return False
 
 
-def load(path, kind, tok, settings, cache_dir="", rank=0, world=1, barrier=lambda: None):
+def load(path, kind, tok, settings, cache_dir="", rank=0, world=1, barrier=lambda: None, from_rank0=lambda x: x):
     """The examples of the JSONL file `path` as `kind` ("sft", "preference", "unpaired",
     "prompts"), from the cache if it matches, else tokenized into it first. settings: the kind's
-    SETTINGS. Under torchrun every rank calls this with its rank, the world size and a barrier;
-    they share the work of a build and read the same files. cache_dir: default <path>.cache."""
+    SETTINGS. Under torchrun every rank calls this with its rank, the world size, a barrier and
+    from_rank0 (rank 0's value of an object, on every rank); they share the work of a build and
+    read the same files. cache_dir: default <path>.cache."""
     if sorted(settings) != sorted(SETTINGS[kind]):
         raise ValueError(f"data cache kind {kind!r} takes settings {SETTINGS[kind]}, got {sorted(settings)}")
-    k = key(path, kind, tok, settings)
+    # rank 0's key on every rank: ranks can see one file with different mtimes (the built-in task's
+    # files are written by every rank, the last rename winning), and must agree on one directory
+    k = from_rank0(key(path, kind, tok, settings))
     final = os.path.join(cache_dir or f"{path}.cache", f"{kind}-{k[:24]}")
     if _complete(final, k):
         if rank == 0:

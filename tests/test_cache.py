@@ -257,3 +257,30 @@ def test_one_and_two_ranks_build_the_same_cache(tmp_path, monkeypatch):
     for name in names:
         assert open(os.path.join(one.path, name), "rb").read() == open(os.path.join(got[0].path, name), "rb").read(), name
     assert os.listdir(tmp_path / "two") == [os.path.basename(one.path)]  # no temp dir left
+
+
+def test_ranks_use_rank0s_key(tmp_path, monkeypatch):
+    """Ranks can see one file with different mtimes (every rank writes the built-in task's files,
+    the last rename winning), hence different keys: all of them must build and read rank 0's
+    directory. Here rank 1's key differs on purpose; without from_rank0 it writes into a temp dir
+    nobody made and the build fails."""
+    tok = make_tok("chatml", tmp_path)
+    path = write(tmp_path / "d.jsonl", records("sft", 10))
+    real = cache.key
+    monkeypatch.setattr(cache, "key", lambda *a: real(*a) + ("" if threading.current_thread().name == "r0" else "0"))
+    wait = threading.Barrier(2, timeout=20).wait
+    shared, got = [None], [None, None]
+
+    def rank(r):
+        def from_rank0(k):
+            if r == 0:
+                shared[0] = k
+            wait()
+            return shared[0]
+        got[r] = cache.load(path, "sft", tok, SETTINGS["sft"], str(tmp_path / "c"), r, 2, wait, from_rank0)
+    threads = [threading.Thread(target=rank, args=(r,), name=f"r{r}") for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[1] is not None and got[0].path == got[1].path and len(got[1]) == 10
