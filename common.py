@@ -532,6 +532,17 @@ def load_checkpoint(path, dist: Dist, parts: dict) -> dict:
     return state
 
 
+def resume(cfg: TrainConfig, dist: Dist, parts: dict) -> int:
+    """The step to start from: 0, or with --resume the newest usable checkpoint's, restored into
+    `parts` (as save_checkpoint's)."""
+    ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
+    if ckpt is None:
+        return 0
+    start = load_checkpoint(ckpt, dist, parts)["step"]
+    print0(f"resumed from {ckpt} at step {start}")
+    return start
+
+
 def checkpoint_or_stop(done, cfg: TrainConfig, dist: Dist, preempt, parts: dict) -> bool:
     """After `done` optimizer steps: the periodic checkpoint, and a last one on SIGTERM or at
     --stop-after. True means the run must exit now (and continue later with --resume)."""

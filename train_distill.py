@@ -159,10 +159,7 @@ def main(cfg: DistillConfig):
     student = common.shard(student, dist)
     teacher = common.shard(teacher, dist, train=False).eval()
     opt = common.make_optimizer(student, cfg, dist)
-    start = 0
-    if cfg.resume and (ckpt := common.latest_checkpoint(cfg.out)):
-        start = common.load_checkpoint(ckpt, dist, {"model": (student, opt)})["step"]
-        common.print0(f"resumed from {ckpt} at step {start}")
+    start = common.resume(cfg, dist, {"model": (student, opt)})
     log = common.Logger(cfg, dist, start)
 
     def evaluate(step):

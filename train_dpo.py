@@ -154,10 +154,7 @@ def main(cfg: DPOConfig):
         del ref  # the reference is never needed again
         ref = None
     opt = common.make_optimizer(policy, cfg, dist)
-    start = 0
-    if cfg.resume and (ckpt := common.latest_checkpoint(cfg.out)):
-        start = common.load_checkpoint(ckpt, dist, {"model": (policy, opt)})["step"]
-        common.print0(f"resumed from {ckpt} at step {start}")
+    start = common.resume(cfg, dist, {"model": (policy, opt)})
     log = common.Logger(cfg, dist, start)
 
     def step_batch(examples, idx, split):

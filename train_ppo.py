@@ -231,10 +231,7 @@ def main(cfg: PPOConfig):
         for g in vopt.param_groups:
             g["lr"] = cfg.value_lr
     parts = {"policy": (policy, opt), **({"critic": (critic, vopt)} if critic is not None else {})}
-    start = 0
-    if cfg.resume and (ckpt := common.latest_checkpoint(cfg.out)):
-        start = common.load_checkpoint(ckpt, dist, parts)["step"]
-        common.print0(f"resumed from {ckpt} at step {start}")
+    start = common.resume(cfg, dist, parts)
     log = common.Logger(cfg, dist, start)
 
     def evaluate(step):

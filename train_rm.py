@@ -82,9 +82,7 @@ def main(cfg: RMConfig):
     common.print0(f"{len(enc)} training pairs, {len(evals)} held out")
 
     opt = common.make_optimizer(rm, cfg, dist)
-    start = 0
-    if cfg.resume and (ckpt := common.latest_checkpoint(cfg.out)):
-        start = common.load_checkpoint(ckpt, dist, {"model": (rm, opt)})["step"]
+    start = common.resume(cfg, dist, {"model": (rm, opt)})
     log = common.Logger(cfg, dist, start)
 
     def evaluate(step):

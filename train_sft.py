@@ -82,10 +82,7 @@ def main(cfg: SFTConfig):
         model = common.shard(model, dist)
     common.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, world {dist.world}")
     opt = common.make_optimizer(model, cfg, dist)
-    start = 0
-    if cfg.resume and (ckpt := common.latest_checkpoint(cfg.out)):
-        start = common.load_checkpoint(ckpt, dist, {"model": (model, opt)})["step"]
-        common.print0(f"resumed from {ckpt} at step {start}")
+    start = common.resume(cfg, dist, {"model": (model, opt)})
     log = common.Logger(cfg, dist, start)
 
     def evaluate(step):
