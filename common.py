@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 import tokenize
 from contextlib import contextmanager, nullcontext

@@ -20,7 +20,6 @@ import torch
 import common
 import lora
 import losses
-import model as M
 from data import batching, cache, chat, formats, task
 
 REFERENCE_FREE = ("simpo", "orpo")

@@ -259,7 +259,7 @@ def main(cfg: PPOConfig):
                                      cfg.top_p, eos_ids=tok.stop_ids, pad_id=tok.pad_id, generator=g)
         policy.train()
         t_gen = time.time() - t0
-        P, L = ids.shape[1], seqs.shape[1] - ids.shape[1]
+        P = ids.shape[1]
         attn = torch.cat([pmask, cmask], 1)
         cmaskf = cmask.float()
         texts = [tok.tokenizer.decode([t for t, k in zip(r, m) if k], skip_special_tokens=True)

@@ -15,7 +15,6 @@ import torch
 
 import common
 import losses
-import model as M
 from data import batching, chat, formats, task
 
 

@@ -72,7 +72,6 @@ def tokenizer():
 
 def worker(a):
     """One process: key + load (building the cache if needed), then read a few batches."""
-    import torch
     import torch.distributed as dist
 
     from data import batching, cache, chat, formats
