@@ -3,7 +3,7 @@
 # then one table (runs/results.md) and the curves (runs/results.png). Rerunning skips the runs
 # already finished.
 #   bash bench/results.sh                   # every row over seeds 0-2 (~2 h on the 2-core dev machine)
-#   SEEDS_MORE=0 bash bench/results.sh      # the algorithms added later on seed 0 only (~1 h 15 min)
+#   SEEDS=0 bash bench/results.sh           # seed 0 only (~40 min)
 # DPO, RL and the reward model all start from runs/sft (the SFT stage's defaults, seed 0), and
 # distillation's teacher is runs/ppo (GRPO's defaults, seed 0); both are trained first, on their
 # own, so that no run's wall time includes them. Their seeds vary their own sampling and batch
@@ -18,7 +18,8 @@ M="python sweep.py --seeds ${SEEDS_MORE:-${SEEDS:-0,1,2}} --nproc $N"
 # the algorithms of issue 14, LoRA (11) and QLoRA (12)
 $M train_ppo.py --loss cispo,sapo --name readme-loss
 $M train_ppo.py --importance-level sequence --clip-eps 3e-4 --clip-eps-high 4e-4 --loss-agg grpo --beta 0 --name readme-gspo
-$M train_ppo.py --algo reinforce_pp,online_dpo --beta 0.1 --name readme-algo
+$M train_ppo.py --algo reinforce_pp --name readme-rpp
+$M train_ppo.py --algo reinforce_pp,online_dpo --beta 0.1 --name readme-algo  # online DPO's beta is DPO's
 $M train_distill.py --student-layers 0,2 --name readme-distill
 $M train_dpo.py --lora-r 8 --quantize ,nf4 --name readme-dpo-lora
 $M train_ppo.py --lora-r 8 --quantize ,nf4 --name readme-grpo-lora
@@ -28,5 +29,5 @@ $S train_sft.py --name readme-sft
 $S train_dpo.py --rpo-alpha 1,0 --name readme-dpo
 $S train_ppo.py --algo grpo,rloo,ppo --name readme-rl
 $S train_rm.py --name readme-rm
-python sweep.py --table runs/sweep-readme-{sft,dpo,rl,rm,loss,gspo,algo,distill,dpo-lora,grpo-lora,sft-lora} | tee runs/results.md
+python sweep.py --table runs/sweep-readme-{sft,dpo,rl,rm,loss,gspo,rpp,algo,distill,dpo-lora,grpo-lora,sft-lora} | tee runs/results.md
 if python -c 'import matplotlib' 2>/dev/null; then python plot.py runs/sweep-readme-{dpo,rl} --out runs/results.png; fi
