@@ -54,8 +54,10 @@ class DistillConfig(common.TrainConfig):
     warmup_steps: int = 10
     eval_every: int = 50
     eval_samples: int = 256      # built-in task: held-out prompts for eval/accuracy
-    max_new_tokens: int = 16
-    max_prompt_length: int = 128
+    max_new_tokens: int = 16     # length cap of the student's sampled completions (and of eval answers)
+    max_prompt_length: int = 128  # prompt tokens kept (from the end)
+    RANGES = {**common.TrainConfig.RANGES, "lmbda": "[0, 1]", "beta": "[0, 1]", "temperature": "(0, inf)",
+              "max_new_tokens": "[1, inf)", "max_prompt_length": "[1, inf)"}
 
 
 def ensure_teacher(dist, seed):

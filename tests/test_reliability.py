@@ -220,7 +220,7 @@ def test_flags_out_of_range_are_refused(cls, flag, value, capsys):
     assert not os.path.exists("never")
 
 
-@pytest.mark.parametrize("script", ["train_sft", "train_rm", "train_dpo", "train_ppo"])
+@pytest.mark.parametrize("script", ["train_sft", "train_rm", "train_dpo", "train_ppo", "train_distill"])
 def test_help_shows_defaults_and_descriptions(script, capsys):
     import importlib
 
