@@ -62,11 +62,11 @@ def write_conversations(path, n, seed=0):
             f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}) + "\n")
 
 
-def tokenizer():
+def tokenizer(chat_format=""):
     from data import chat, task
 
     if os.path.exists(LLAMA3):
-        return chat.load_tokenizer(LLAMA3), "llama3"
+        return chat.load_tokenizer(LLAMA3, chat_format or None), "llama3"
     return chat.load_tokenizer(task.ensure_task(os.path.join(tempfile.gettempdir(), "nanotrl_task"))), "task"
 
 
@@ -79,7 +79,7 @@ def worker(a):
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
-    tok, _ = tokenizer()
+    tok, _ = tokenizer(a.chat_format)
     base = rss_mb()
     c0, t0 = cpu_s(), time.time()
     if a.worker == "today":
@@ -103,10 +103,11 @@ def worker(a):
         dist.destroy_process_group()
 
 
-def run(mode, data, cache_dir, procs, scratch):
+def run(mode, data, cache_dir, procs, scratch, chat_format):
     """Launch the worker(s); their reports, one per process."""
     report = os.path.join(scratch, "report")
-    args = [os.path.abspath(__file__), "--worker", mode, "--data", data, "--cache", cache_dir, "--report", report]
+    args = [os.path.abspath(__file__), "--worker", mode, "--data", data, "--cache", cache_dir, "--report", report,
+            "--chat-format", chat_format]
     cmd = [sys.executable] + args if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] + args
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -124,6 +125,8 @@ def main():
     p.add_argument("--records", default="200000,1000000", help="dataset sizes, comma-separated")
     p.add_argument("--procs", default="1,2", help="process counts, comma-separated")
     p.add_argument("--today-records", type=int, default=20000, help="records for the in-memory baseline (0 = skip)")
+    p.add_argument("--chat-format", default="", help="as the scripts' --chat-format (default: the tokenizer's chat "
+                   "template; llama3 = the built-in format, the same tokens without jinja)")
     p.add_argument("--dir", default="", help="scratch directory (default: a new one in the temp dir, deleted at the end)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--data", default="", help=argparse.SUPPRESS)
@@ -134,7 +137,7 @@ def main():
         return worker(a)
     scratch = a.dir or tempfile.mkdtemp(prefix="nanotrl_bench_data_")
     os.makedirs(scratch, exist_ok=True)
-    _, tok_name = tokenizer()
+    tok, tok_name = tokenizer(a.chat_format)
     try:
         today = None
         for n in map(int, a.records.split(",")):
@@ -144,18 +147,18 @@ def main():
                 head = os.path.join(scratch, "today.jsonl")
                 with open(data) as src, open(head, "w") as dst:
                     dst.writelines(line for _, line in zip(range(a.today_records), src))
-                (t,) = run("today", head, "", 1, scratch)
+                (t,) = run("today", head, "", 1, scratch, a.chat_format)
                 today = t["cpu_s"] / t["records"]
                 today_rss = (t["peak_rss_mb"] - t["baseline_rss_mb"]) / t["records"]
             for procs in map(int, a.procs.split(",")):
                 cache_dir = os.path.join(scratch, "cache")
                 shutil.rmtree(cache_dir, ignore_errors=True)
-                first = run("build", data, cache_dir, procs, scratch)
-                cached = run("build", data, cache_dir, procs, scratch)
+                first = run("build", data, cache_dir, procs, scratch, a.chat_format)
+                cached = run("build", data, cache_dir, procs, scratch, a.chat_format)
                 size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_dir) for f in fs)
                 cpu = sum(r["cpu_s"] for r in first)
                 print(json.dumps({
-                    "records": n, "procs": procs, "tokenizer": tok_name, "tokens": first[0]["tokens"],
+                    "records": n, "procs": procs, "tokenizer": tok_name, "chat_format": tok.chat_format, "tokens": first[0]["tokens"],
                     "jsonl_mb": round(os.path.getsize(data) / 2**20, 1), "cache_mb": round(size / 2**20, 1),
                     "first_run_s": round(max(r["wall_s"] for r in first), 2), "first_run_cpu_s": round(cpu, 2),
                     "cached_start_s": round(max(r["wall_s"] for r in cached), 2),

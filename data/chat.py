@@ -325,7 +325,8 @@ def _template_chat(messages, tok: Tok, add_generation_prompt, first, where):
         s = t
         while t < len(ids) and ids[t] not in stops:
             t += 1
-        after = _render(messages[:k + 1], tok, False, where)  # where it is a prefix, the turn ends within it
+        # where it is a prefix, the turn ends within it (the whole text, for the last message)
+        after = text if k == len(messages) - 1 and not add_generation_prompt else _render(messages[:k + 1], tok, False, where)
         if t == len(ids) or (text.startswith(after) and offsets[t][1] > len(after)):
             raise DataError(f"{where}: the chat template ends assistant message {k} with none of the stop tokens "
                             f"{sorted(stops)}: the model could not learn to stop")

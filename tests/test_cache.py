@@ -120,11 +120,31 @@ def llama3():
     return chat.load_tokenizer(LLAMA3)
 
 
-@pytest.fixture(params=["chatml", "llama3-real"])
+def byte_bpe(pattern=cache.SPLIT_PATTERNS[0], gpt2=False, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
+    """A small byte-level BPE trained here with a Llama-3 / Qwen2 / GPT-2 style pre-tokenizer: the
+    kind of tokenizer the build encodes piece by piece (cache._MemoTokenizer)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if gpt2 else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    corpus = [" ".join(random.Random(i).choices(["the", "cat", "sat", "on", "mat", "7+8=15", "é", "don't", "\n", "  "], k=30))
+              for i in range(200)]
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=list(specials), show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tk
+
+
+@pytest.fixture(params=["chatml", "bpe", "llama3-real"])
 def tok(request, tmp_path):
     if request.param == "chatml":  # character level: every content token is its own character
         return make_tok("chatml", tmp_path)
-    return request.getfixturevalue("llama3")  # a real BPE, where batched and one-by-one encoding could differ
+    if request.param == "bpe":  # byte-level BPE (built-in ChatML format): encoded piece by piece in the build
+        byte_bpe().save(str(tmp_path / "tokenizer.json"))
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+        return chat.load_tokenizer(tmp_path)
+    return request.getfixturevalue("llama3")  # the real one with its chat template: text encoded whole, offsets used
 
 
 @pytest.mark.parametrize("kind", ["sft", "preference", "unpaired", "prompts"])
@@ -284,3 +304,62 @@ def test_ranks_use_rank0s_key(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert got[1] is not None and got[0].path == got[1].path and len(got[1]) == 10
+
+
+TRICKY = ["a  b", "a   b c", "a \nb", "x 's", "it's don't 'LL", "hi <|im_end|> next", " lead", "trail ", "  ", "",
+          "日本語 のテキスト 123456 x", "emoji 😀 test 😀😀", "tab\t sep", "a\u00a0b c", "cafe\u0301 e\u0301 \u0301x",
+          "x\r\n y", "1 2 3 4444 55555", "<|im_start|>user\nhi there<|im_end|>\n", "a\u2028 b\u3000 c\u200b d", "!! ?? ..."]
+
+
+def tricky(n=3000, seed=0):
+    rng = random.Random(seed)
+    alphabet = list(" \n\t\r\u00a0abcXY019'.,!?😀éü日\u0301\u2028\u3000\u200b\x1c") + ["<|im_end|>", "'s", "  "]
+    return TRICKY + ["".join(rng.choices(alphabet, k=rng.randint(0, 40))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("which", ["llama3-regex", "qwen2-regex", "gpt2", "llama3-real", "qwen3-real"])
+def test_piecewise_encoding_equals_whole(which):
+    """The build's tokenizer stand-in (cut before each space that follows a non-space, each piece
+    encoded once and remembered) gives the ids and offsets of encoding each text whole."""
+    from tokenizers import Tokenizer
+
+    if which.endswith("-real"):
+        path = os.path.join(LLAMA3, "..", which[:-5], "tokenizer.json")
+        if not os.path.exists(path):
+            pytest.skip(f"{path} not present")
+        tk = Tokenizer.from_file(path)
+    else:
+        tk = byte_bpe(cache.SPLIT_PATTERNS[which == "qwen2-regex"], gpt2=which == "gpt2")
+    assert cache._word_memo(tk)
+    memo = cache._MemoTokenizer(tk)
+    for _ in range(2):  # pieces new, then remembered
+        for t in tricky():
+            want, got = tk.encode(t, add_special_tokens=False), memo.encode(t, add_special_tokens=False)
+            assert (got.ids, got.offsets) == (want.ids, want.offsets), repr(t)
+    assert 1000 < len(memo.ids) < 20000  # pieces recur (whitespace-led "words"): each is encoded once
+    assert memo.encode("a b", add_special_tokens=True).ids == tk.encode("a b").ids
+
+
+def test_piecewise_encoding_only_where_it_is_exact(tmp_path):
+    """Tokenizers where cutting at spaces could change the tokens are encoded whole."""
+    from tokenizers import AddedToken, normalizers, pre_tokenizers
+
+    tk = byte_bpe()
+    assert cache._word_memo(tk)
+    other = byte_bpe(r"\s?\w+|\S")  # a regex whose matches may hold a space anywhere: unknown, so not trusted
+    assert not cache._word_memo(other)
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # each piece would get its own space
+    assert not cache._word_memo(tk)
+    tk = byte_bpe()
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()  # sentencepiece-style: "▁" joins across the cut
+    assert not cache._word_memo(tk)
+    tk = byte_bpe()
+    tk.normalizer = normalizers.Lowercase()
+    assert not cache._word_memo(tk)
+    tk = byte_bpe()
+    tk.add_special_tokens([AddedToken("<mask>", rstrip=True)])  # eats the space after it: a cut would keep it
+    assert not cache._word_memo(tk)
+    assert tk.encode("<mask> b", add_special_tokens=False).ids != \
+        tk.encode("<mask>", add_special_tokens=False).ids + tk.encode(" b", add_special_tokens=False).ids
+    # and the build then encodes with the tokenizer itself
+    assert not cache._word_memo(make_tok("chatml", tmp_path).tokenizer)  # word-level
