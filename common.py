@@ -8,6 +8,7 @@ train_sft.py`): gloo on CPU, NCCL on GPU. With more than one process the model i
 """
 import argparse
 import atexit
+import ctypes
 import dataclasses
 import errno
 import inspect
@@ -265,7 +266,9 @@ def load_model(path, cfg: TrainConfig, dist: Dist, head="lm", train=True, adapt=
     if cfg.quantize and train and not lora_on:
         raise ValueError(f"--quantize {cfg.quantize}: a trained model needs adapters (adapt=True, --lora-r > 0)")
     g = torch.Generator().manual_seed(cfg.seed)  # one stream for every block's adapters: as one apply_lora call
-    for model, part in M.load_parts(path, head, device=dist.device, seed=seed):
+    shard = (dist.rank, dist.world) if dist.world > 1 else None  # the root is read as its rank's rows only
+    for model, part in M.load_parts(path, head, device=dist.device, seed=seed, shard=shard,
+                                    frozen_embedding=not train or lora_on):
         if part is not model:
             if cfg.quantize:
                 nf4.quantize_model(part, double_quant=cfg.double_quant)
@@ -277,7 +280,19 @@ def load_model(path, cfg: TrainConfig, dist: Dist, head="lm", train=True, adapt=
             part.requires_grad_(False)
         model.grad_checkpointing = cfg.grad_ckpt
         _shard_part(part, dist)
+        _trim_heap()
     return model
+
+
+def _trim_heap():
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim). Each block's temporaries
+    (its full-precision weights, quantization's buffers) freed between long-lived allocations (its
+    shards, NF4 codes) leave holes that glibc keeps resident: ~45 MB per Llama-3-8B block
+    (measured), 1.4 GB over 32 blocks. Elsewhere than glibc, nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def autocast(dist: Dist):
@@ -586,8 +601,10 @@ def hf_state_chunks(model, dist: Dist):
         for m in units:
             m.unshard()  # this unit's own parameters (a root's exclude its blocks')
         sd = lora.dense_state_dict(part, prefix, exclude="model.layers." if part is model else None) if dist.main else {}
-        # copies: resharding frees the gathered parameters' storage
-        yield {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+        # copies: resharding frees the gathered parameters' storage; one dtype (a frozen
+        # embedding may be kept narrower, see load_parts)
+        dt = model.model.norm.weight.dtype
+        yield {k: v.detach().to("cpu", dt if v.is_floating_point() else v.dtype, copy=True) for k, v in sd.items()}
         for m in units:
             m.reshard()
 

@@ -270,7 +270,7 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(pos, pos + T, device=input_ids.device).expand(B, T)
         if cfg.sliding_window is not None and pos + T > cfg.sliding_window:
             raise NotImplementedError(f"sequence of {pos + T} tokens exceeds sliding_window {cfg.sliding_window}")
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)  # a frozen one may be narrower
         rope = None
         if cfg.gpt2:
             x = x + self.model.embed_positions(position_ids)
@@ -395,29 +395,58 @@ def _layer_of(name: str):
     return None
 
 
-def read_tensors(index: dict, names, cfg: ModelConfig, device="cpu", dtype=None) -> dict:
-    """The checkpoint tensors `names` (file names), under our names, read with safe_open so that
-    only those bytes come off the disk."""
-    sd = {}
-    for n in names:
-        # one tensor per open: the file's mapped pages (in RSS while mapped) go with it, and the
-        # file-dtype copy is dropped at once
-        try:
-            with safe_open(index[n], "pt", device=str(device)) as f:
-                t = f.get_tensor(n)
-        except SafetensorError as e:
-            raise unreadable(index[n], e) from None
-        sd[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+READ_BYTES = 1 << 26  # a tensor is read in slices of about this many file bytes
+EMBEDDINGS = ("model.embed_tokens.weight", "wte.weight")  # the token embedding's names in HF files
+
+
+def read_tensor(file, name, device="cpu", dtype=None, shard=None):
+    """One checkpoint tensor, floating point ones in `dtype` (default: the file's). Read in row
+    slices of about READ_BYTES, each through its own safe_open, so that neither the whole tensor in
+    the file's dtype nor the file's mapped pages (which count in a process's RSS while mapped) are
+    ever in memory besides the result. shard=(rank, world): only the rows of FSDP2's dim-0 shard
+    `rank` (as torch.chunk) are read and written; on the CPU the other rows' pages are never
+    touched, so they take no memory until fully_shard keeps the shard and frees the rest."""
+    try:
+        with safe_open(file, "pt") as f:
+            sl = f.get_slice(name)
+            shape, first = sl.get_shape(), sl[:1]
+            if len(shape) < 2:
+                first = f.get_tensor(name)
+        dtype = dtype if dtype is not None and first.is_floating_point() else first.dtype
+        if len(shape) < 2:
+            return first.to(device=device, dtype=dtype)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        start, stop = 0, shape[0]
+        if shard is not None:
+            size = -(-shape[0] // shard[1])
+            start, stop = min(shape[0], shard[0] * size), min(shape[0], (shard[0] + 1) * size)
+        step = max(1, READ_BYTES // max(1, first.numel() * first.element_size()))
+        for i in range(start, stop, step):
+            with safe_open(file, "pt") as f:
+                out[i:min(stop, i + step)] = f.get_slice(name)[i:min(stop, i + step)]
+        return out
+    except SafetensorError as e:
+        raise unreadable(file, e) from None
+
+
+def read_tensors(index: dict, names, cfg: ModelConfig, device="cpu", dtype=None, shard=None) -> dict:
+    """The checkpoint tensors `names` (file names), under our names (read_tensor: only those bytes
+    come off the disk; `shard`: only those rows)."""
+    sd = {n: read_tensor(index[n], n, device, dtype, shard) for n in names}
     return _gpt2_to_ours(sd, cfg.hidden_size) if cfg.gpt2 else sd
 
 
-def load_parts(path, head="lm", dtype=torch.float32, device="cpu", seed=0):
+def load_parts(path, head="lm", dtype=torch.float32, device="cpu", seed=0, shard=None, frozen_embedding=False):
     """Load an HF directory one block at a time: the model is built on the meta device, then each
     block (and last the rest: embeddings, final norm, head) is read from the safetensors files
     (only its own tensors) and assigned in place. Yields (model, part) after each part is filled,
     so that a caller can quantize or shard it before the next one is read; the model holds the
     checkpoint's weights once the generator is exhausted. head="score" on a causal-LM checkpoint
-    starts a fresh score head (reward and value models begin this way)."""
+    starts a fresh score head (reward and value models begin this way). shard=(rank, world): the
+    root's matrices (embeddings, head) hold only this rank's FSDP2 rows (see read_tensor), for a
+    caller that shards the root before touching them. frozen_embedding: the token embedding, when
+    it is not also the LM head, stays in the checkpoint's dtype where that is narrower (a bf16
+    file: half the memory, and the same values, upcast row by row in forward)."""
     cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg, head)
@@ -427,7 +456,12 @@ def load_parts(path, head="lm", dtype=torch.float32, device="cpu", seed=0):
         if not n.endswith((".attn.bias", ".attn.masked_bias")):  # GPT-2's old causal-mask buffers
             names.setdefault(_layer_of(n), []).append(n)
     for i, part in [*enumerate(model.model.layers), (None, model)]:
-        sd = read_tensors(index, names.get(i, []), cfg, device, dtype)
+        own = names.get(i, [])
+        narrow = [n for n in own if frozen_embedding and n.removeprefix("transformer.") in EMBEDDINGS
+                  and not (head == "lm" and cfg.tie_word_embeddings)]
+        sd = read_tensors(index, [n for n in own if n not in narrow], cfg, device, dtype, shard if part is model else None)
+        for k, v in read_tensors(index, narrow, cfg, device, None, shard).items():
+            sd[k] = v if v.element_size() < torch.empty(0, dtype=dtype).element_size() else v.to(dtype)
         prefix = "" if part is model else f"model.layers.{i}."
         expected = {k: v.shape for k, v in part.state_dict(prefix=prefix).items()
                     if part is not model or not k.startswith("model.layers.")}
@@ -453,6 +487,7 @@ def load_parts(path, head="lm", dtype=torch.float32, device="cpu", seed=0):
             model.init_score(seed)
         if part is model:
             model.tie_weights()
+        del sd  # the part holds its tensors; a caller that replaces them (quantizing) frees the old ones
         yield model, part
 
 

@@ -14,6 +14,7 @@ import lora  # noqa: E402
 import model as M  # noqa: E402
 
 path, out, double_quant = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+M.READ_BYTES = 300  # every matrix read in many row slices, as a big checkpoint's are
 cfg = common.TrainConfig(dtype="fp32", out=out)
 d = common.setup(cfg)
 ids = torch.randint(1, 30, (2, 9), generator=torch.Generator().manual_seed(0))

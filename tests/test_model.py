@@ -253,3 +253,27 @@ def test_meta_device_build():
     with torch.device("meta"):
         m = M.Transformer(cfg)
     assert all(p.is_meta for p in m.parameters())
+
+
+def test_read_tensor_slices_dtypes_and_shard_rows(tmp_path, monkeypatch):
+    """Checkpoint tensors read in row slices (here 2 rows each) equal the stored ones, floating
+    ones converted; with shard=(rank, world) exactly FSDP2's rows (torch.chunk's) are written."""
+    from safetensors.torch import save_file
+
+    w = torch.randn(7, 5).to(torch.bfloat16)
+    save_file({"w": w, "ids": torch.arange(6), "n": torch.ones(3, dtype=torch.float16)}, tmp_path / "m.safetensors")
+    f = str(tmp_path / "m.safetensors")
+    monkeypatch.setattr(M, "READ_BYTES", 2 * 5 * 2)
+    got = M.read_tensor(f, "w", dtype=torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, w.float())
+    assert torch.equal(M.read_tensor(f, "w"), w)
+    ids = M.read_tensor(f, "ids", dtype=torch.float32)  # integers keep their dtype
+    assert ids.dtype == torch.int64 and torch.equal(ids, torch.arange(6))
+    assert M.read_tensor(f, "n", dtype=torch.float32).dtype == torch.float32
+    for world in (2, 3, 8):
+        for rank, rows in enumerate(torch.chunk(torch.arange(7), world)):
+            t = M.read_tensor(f, "w", dtype=torch.float32, shard=(rank, world))
+            assert torch.equal(t[rows], w.float()[rows])  # the rest is left as allocated
+    with pytest.raises(ValueError, match="bad.safetensors: not a readable safetensors file"):
+        (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+        M.read_tensor(str(tmp_path / "bad.safetensors"), "w")

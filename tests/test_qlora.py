@@ -109,3 +109,30 @@ def test_bad_quantize_flags():
                            (dict(double_quant=True), "needs --quantize nf4"), (dict(cpu_offload=True), "needs a GPU")]:
         with pytest.raises(ValueError, match=message):
             common.setup(common.TrainConfig(**flags))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_frozen_embedding_keeps_a_bf16_checkpoints_dtype(tmp_path, tied):
+    """A frozen token embedding (QLoRA / LoRA base, a reference model) read from a bf16 file stays
+    bf16: half its memory, and the same logits as the fp32 model (the values are the same, upcast
+    in forward). Not when it is also the LM head (the head's matmul runs in fp32). The merged export
+    is in one dtype."""
+    m = M.from_pretrained(tiny_model_dir(str(tmp_path / "fp32")))
+    m.cfg.tie_word_embeddings = tied
+    m.cfg.hf = dict(m.cfg.hf, tie_word_embeddings=tied)
+    if not tied:
+        m.lm_head.weight = torch.nn.Parameter(torch.randn(m.lm_head.weight.shape))
+    path = M.save_pretrained(m.to(torch.bfloat16), tmp_path / "bf16")
+    want = M.from_pretrained(path)  # fp32 throughout
+    ids = torch.randint(1, 30, (2, 9), generator=torch.Generator().manual_seed(0))
+    cfg = common.TrainConfig(dtype="fp32", out=str(tmp_path / "o"), quantize="", lora_r=4)
+    d = common.setup(cfg)
+    for kw in ({"adapt": True}, {"train": False}):
+        got = common.load_model(path, cfg, d, **kw)
+        emb = got.model.embed_tokens.weight
+        assert emb.dtype == (torch.float32 if tied else torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(got(ids), want(ids))
+        assert all(v.dtype == torch.float32 for c in common.hf_state_chunks(got, d) for v in c.values())
+    full = common.load_model(path, common.TrainConfig(dtype="fp32", out=str(tmp_path / "o")), d)  # trained: fp32
+    assert full.model.embed_tokens.weight.dtype == torch.float32
