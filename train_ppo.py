@@ -76,7 +76,7 @@ class PPOConfig(common.TrainConfig):
     sapo_tau_pos: float = 1.0    # --loss sapo: gate temperature for positive advantages
     sapo_tau_neg: float = 1.05   # --loss sapo: ... and for negative ones
     dpo_loss: str = "sigmoid"    # --algo online_dpo: a losses.DPO_LOSS_TYPES entry
-    rpo_alpha: float = 0.0       # --algo online_dpo: + rpo_alpha * NLL(chosen) (RPO, as train_dpo.py's default); 0 = TRL's
+    rpo_alpha: float = 1.0       # --algo online_dpo: + rpo_alpha * NLL(chosen) (RPO, as train_dpo.py); 0 = TRL's
     clip_eps: float = 0.2        # PPO ratio clipping
     clip_eps_high: float = 0.0   # DAPO clip-higher; 0 = same as clip_eps
     loss_agg: str = "dapo"       # grpo | dr_grpo | dapo

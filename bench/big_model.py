@@ -11,7 +11,8 @@ The checkpoint (bf16 safetensors, one file per block, with the index) is written
 at a time (never the whole model in memory), into --ckpt or a temp dir deleted at the end. DPO: one
 pair of --prompt-len prompt + 2 x --answer-len answer tokens (the prompt computed once for both),
 the reference = the policy with its adapters off (with --lora-r), activation checkpointing, AdamW.
-Prints JSON lines; the last has peak_rss_mb (the max over ranks) and, for dpo, s_per_step and where
+Prints JSON lines; the last has peak_rss_mb (the max over ranks), the README's memory model's
+prediction (predicted_mb, by part, one process) and its error, and for dpo s_per_step and where
 the time goes (reference forward, policy forward, backward, optimizer; and the share of the NF4
 dequantization, timed separately: each projection is dequantized 4 times a step).
 """
@@ -43,6 +44,34 @@ SHAPES = {  # config.json fields of the real checkpoints
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
+
+def predict_mb(hf, quantize, double_quant, lora_r, tokens, answer_tokens, chunk, algo="dpo", runtime_mb=280):
+    """The README's memory model (one process, CPU, fp32 compute, a bf16 checkpoint), MiB: weights
+    (4 bytes a parameter; NF4 0.5625, 0.5156 with double quantization; a frozen untied embedding
+    stays bf16: 2), trainable state (weights' grads + AdamW's two moments: 12 bytes per trained
+    parameter, the adapters' own weights 4 more), the DPO reference (a frozen copy for full
+    fine-tuning; none with adapters), activations under --grad-ckpt (each block's input, then one
+    block recomputed: T x (6 D + 2 D_kv + 3 I) x 4 bytes, twice for its backward), one projection
+    dequantized (6 bytes a weight: fp32 + an int32 index per byte pair), the chunked head's [chunk,
+    V] fp32 buffer, and the runtime (torch, Python: measured 277 MiB)."""
+    D, I, L, V = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"], hf["vocab_size"]
+    dq, dkv = hf["num_attention_heads"] * hf["head_dim"], hf["num_key_value_heads"] * hf["head_dim"]
+    shapes = [(D, dq), (D, dkv), (D, dkv), (dq, D), (D, I), (D, I), (I, D)]
+    P = L * sum(a * b for a, b in shapes)  # projections
+    A = L * sum(lora_r * (a + b) for a, b in shapes)  # adapters
+    E = V * D * (1 if hf["tie_word_embeddings"] else 2)
+    emb = 4 * E if hf["tie_word_embeddings"] or not lora_r else 6 * V * D  # embedding (+ head)
+    proj = (0.5 + (1 / 64 + 4 / 64 / 256 if double_quant else 4 / 64)) * P if quantize else 4 * P
+    out = {"weights": proj + emb + 4 * A, "trainable": 12 * A if lora_r else 12 * (P + E)}
+    if algo == "dpo":
+        out["reference"] = 0 if lora_r else 4 * P + (4 * V * D if hf["tie_word_embeddings"] else 6 * V * D)
+        out["activations"] = L * tokens * D * 4 + 2 * tokens * (6 * D + 2 * dkv + 3 * I) * 4
+        out["dequantize"] = 6 * max(a * b for a, b in shapes) if quantize else 0
+        out["head"] = min(chunk, answer_tokens) * V * 4
+    out = {k: round(v / 2**20) for k, v in out.items()}
+    out["runtime"] = runtime_mb
+    return {**out, "peak": sum(out.values())}
+
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--shape", default="llama3.2-1b", choices=sorted(SHAPES))
@@ -166,6 +195,10 @@ if a.algo == "dpo":
     out["tokens"] = P + 2 * A
     out["trainable_m"] = round(sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6, 2)
 out["peak_rss_mb"] = rss_mb()
+model_mb = predict_mb(hf, a.quantize, a.double_quant, a.lora_r, a.prompt_len + 2 * a.answer_len, 2 * a.answer_len,
+                      cfg.chunk_size, a.algo)
+out["predicted_mb"] = model_mb
+out["predicted_error"] = round(model_mb["peak"] / out["peak_rss_mb"] - 1, 3)
 if dist.main:
     print(json.dumps(out), flush=True)
     if not a.ckpt:

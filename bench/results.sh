@@ -19,7 +19,8 @@ M="python sweep.py --seeds ${SEEDS_MORE:-${SEEDS:-0,1,2}} --nproc $N"
 $M train_ppo.py --loss cispo,sapo --name readme-loss
 $M train_ppo.py --importance-level sequence --clip-eps 3e-4 --clip-eps-high 4e-4 --loss-agg grpo --beta 0 --name readme-gspo
 $M train_ppo.py --algo reinforce_pp --name readme-rpp
-$M train_ppo.py --algo reinforce_pp,online_dpo --beta 0.1 --name readme-algo  # online DPO's beta is DPO's
+$M train_ppo.py --algo reinforce_pp --beta 0.1 --name readme-algo
+$M train_ppo.py --algo online_dpo --beta 0.1 --rpo-alpha 1,0 --name readme-odpo  # online DPO's beta is DPO's
 $M train_distill.py --student-layers 0,2 --name readme-distill
 $M train_dpo.py --lora-r 8 --quantize ,nf4 --name readme-dpo-lora
 $M train_ppo.py --lora-r 8 --quantize ,nf4 --name readme-grpo-lora
@@ -29,5 +30,5 @@ $S train_sft.py --name readme-sft
 $S train_dpo.py --rpo-alpha 1,0 --name readme-dpo
 $S train_ppo.py --algo grpo,rloo,ppo --name readme-rl
 $S train_rm.py --name readme-rm
-python sweep.py --table runs/sweep-readme-{sft,dpo,rl,rm,loss,gspo,rpp,algo,distill,dpo-lora,grpo-lora,sft-lora} | tee runs/results.md
+python sweep.py --table runs/sweep-readme-{sft,dpo,rl,rm,loss,gspo,rpp,algo,odpo,distill,dpo-lora,grpo-lora,sft-lora} | tee runs/results.md
 if python -c 'import matplotlib' 2>/dev/null; then python plot.py runs/sweep-readme-{dpo,rl} --out runs/results.png; fi
