@@ -461,7 +461,7 @@ def load_parts(path, head="lm", dtype=torch.float32, device="cpu", seed=0, shard
                   and not (head == "lm" and cfg.tie_word_embeddings)]
         sd = read_tensors(index, [n for n in own if n not in narrow], cfg, device, dtype, shard if part is model else None)
         for k, v in read_tensors(index, narrow, cfg, device, None, shard).items():
-            sd[k] = v if v.element_size() < torch.empty(0, dtype=dtype).element_size() else v.to(dtype)
+            sd[k] = v if v.element_size() < dtype.itemsize else v.to(dtype)
         prefix = "" if part is model else f"model.layers.{i}."
         expected = {k: v.shape for k, v in part.state_dict(prefix=prefix).items()
                     if part is not model or not k.startswith("model.layers.")}

@@ -290,23 +290,29 @@ class _MemoTokenizer:
     def encode(self, text, add_special_tokens=True):
         if add_special_tokens:
             return self.tk.encode(text, add_special_tokens=True)
-        pieces, ids = CUT.split(text), []
-        try:
-            for p in pieces:
-                ids += self.ids[p]
+        pieces = CUT.split(text)
+        try:  # the common case: every piece seen before, one lookup each
+            ids = self._ids(pieces)
         except KeyError:
-            if len(self.ids) > MEMO_SIZE:  # new dicts: an _Encoding still holds the old offsets
-                self.ids, self.offs = {}, {}
-            new = [p for p in dict.fromkeys(pieces) if p not in self.ids]
-            # a batch costs more than a call for each of a few pieces (threads to wake)
-            encs = self.tk.encode_batch(new, add_special_tokens=False) if len(new) > 16 else \
-                [self.tk.encode(p, add_special_tokens=False) for p in new]
-            for p, e in zip(new, encs):
-                self.ids[p], self.offs[p] = e.ids, e.offsets
-            ids = []
-            for p in pieces:
-                ids += self.ids[p]
+            self._learn(pieces)
+            ids = self._ids(pieces)
         return _Encoding(ids, pieces, self.offs)
+
+    def _ids(self, pieces):
+        ids = []
+        for p in pieces:
+            ids += self.ids[p]
+        return ids
+
+    def _learn(self, pieces):
+        if len(self.ids) > MEMO_SIZE:  # new dicts: an _Encoding still holds the old offsets
+            self.ids, self.offs = {}, {}
+        new = [p for p in dict.fromkeys(pieces) if p not in self.ids]
+        # a batch costs more than a call for each of a few pieces (threads to wake)
+        encs = self.tk.encode_batch(new, add_special_tokens=False) if len(new) > 16 else \
+            [self.tk.encode(p, add_special_tokens=False) for p in new]
+        for p, e in zip(new, encs):
+            self.ids[p], self.offs[p] = e.ids, e.offsets
 
     def __getattr__(self, name):
         return getattr(self.tk, name)
