@@ -15,7 +15,8 @@ least), peak_rss_mb_per_proc (the larger of the two runs), baseline_rss_mb (the 
 before any data is touched: torch, numpy and the tokenizer loaded), batch_ms (one SFT batch of
 32 read from the cache). today_cpu_s_per_1k is the in-memory path the scripts had before
 (formats.load_sft + chat.tokenize_sft per record) on the first --today-records records,
-speedup_per_core its CPU time per record over the cache build's, today_rss_mb_per_1k its memory.
+speedup_per_core its CPU time per record over the cache build's, today_rss_mb_per_1k its memory
+(--today-root: that path as another checkout has it, e.g. the code issue 17 measured).
 Each worker is a fresh process (peak RSS is per process); 2 processes run under torchrun (gloo),
 as the training scripts do.
 """
@@ -74,7 +75,9 @@ def worker(a):
     """One process: key + load (building the cache if needed), then read a few batches."""
     import torch.distributed as dist
 
-    from data import batching, cache, chat, formats
+    if a.worker == "today" and a.today_root:  # an older checkout's data/ (git worktree add DIR REV)
+        sys.path.insert(0, os.path.abspath(a.today_root))
+    from data import chat, formats
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -86,10 +89,14 @@ def worker(a):
         out = [chat.tokenize_sft(ex, tok, SETTINGS["max_length"]) for ex in formats.load_sft(a.data)]
         rec = {"records": len(out)}
     else:
+        from data import cache
+
         ex = cache.load(a.data, "sft", tok, SETTINGS, a.cache, rank, world, dist.barrier if world > 1 else lambda: None)
         rec = {"records": len(ex), "tokens": int(ex.ragged["input_ids"][1][-1])}
     rec.update(wall_s=time.time() - t0, cpu_s=cpu_s() - c0)
     if a.worker != "today":
+        from data import batching
+
         t1 = time.time()
         for step in range(10):
             idx = batching.batch_indices(len(ex), 32, 0, step, rank, world)
@@ -103,11 +110,11 @@ def worker(a):
         dist.destroy_process_group()
 
 
-def run(mode, data, cache_dir, procs, scratch, chat_format):
+def run(mode, data, cache_dir, procs, scratch, chat_format, today_root=""):
     """Launch the worker(s); their reports, one per process."""
     report = os.path.join(scratch, "report")
     args = [os.path.abspath(__file__), "--worker", mode, "--data", data, "--cache", cache_dir, "--report", report,
-            "--chat-format", chat_format]
+            "--chat-format", chat_format, "--today-root", today_root]
     cmd = [sys.executable] + args if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] + args
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -127,6 +134,8 @@ def main():
     p.add_argument("--today-records", type=int, default=20000, help="records for the in-memory baseline (0 = skip)")
     p.add_argument("--chat-format", default="", help="as the scripts' --chat-format (default: the tokenizer's chat "
                    "template; llama3 = the built-in format, the same tokens without jinja)")
+    p.add_argument("--today-root", default="", help="the in-memory baseline from another checkout (e.g. `git worktree add "
+                   "/tmp/before 5fabb05^`: the code before the cache, whose only chat rendering was the built-in format)")
     p.add_argument("--dir", default="", help="scratch directory (default: a new one in the temp dir, deleted at the end)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--data", default="", help=argparse.SUPPRESS)
@@ -147,7 +156,7 @@ def main():
                 head = os.path.join(scratch, "today.jsonl")
                 with open(data) as src, open(head, "w") as dst:
                     dst.writelines(line for _, line in zip(range(a.today_records), src))
-                (t,) = run("today", head, "", 1, scratch, a.chat_format)
+                (t,) = run("today", head, "", 1, scratch, a.chat_format, a.today_root)
                 today = t["cpu_s"] / t["records"]
                 today_rss = (t["peak_rss_mb"] - t["baseline_rss_mb"]) / t["records"]
             for procs in map(int, a.procs.split(",")):
@@ -168,6 +177,7 @@ def main():
                     "baseline_rss_mb": round(max(r["baseline_rss_mb"] for r in first + cached)),
                     "batch_ms": round(max(r["batch_ms"] for r in cached), 2),
                     "today_cpu_s_per_1k": round(today * 1000, 3) if today else None,
+                    "today_root": a.today_root or None,
                     "speedup_per_core": round(today / (cpu / n), 2) if today else None,
                     "today_rss_mb_per_1k": round(today_rss * 1000, 1) if today else None,
                 }), flush=True)

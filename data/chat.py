@@ -43,6 +43,8 @@ render_chat builds those segment by segment (role header, content, end-of-turn):
 (no default system prompts or <think> blocks there: Tok.system_prompt inserts one when a
 conversation has none, in every mode).
 """
+import bisect
+import copy
 import datetime
 import functools
 import json
@@ -253,12 +255,26 @@ def _compile(source):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=Undefined,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    class Sandbox(ImmutableSandboxedEnvironment):
+        def is_safe_attribute(self, obj, attr, value):
+            # jinja's answer depends on the object's type and the name only (isinstance checks and
+            # name lists): asked once per pair, not at every loop.index0 of every render
+            key = (type(obj), attr)
+            if obj.__class__ is not key[0]:  # a proxy: isinstance would also see its __class__
+                return super().is_safe_attribute(obj, attr, value)
+            if key not in self.safe:
+                self.safe[key] = super().is_safe_attribute(obj, attr, value)
+            return self.safe[key]
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, undefined=Undefined, extensions=[Generation, jinja2.ext.loopcontrols])
+    env.safe = {}
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.datetime.now().strftime(f),
                        dict=Dict(), namespace=Namespace)
-    return env.from_string(source)
+    template = env.from_string(source)
+    # its globals are a ChainMap over env.globals (read key by key at every render): one dict instead
+    template.globals = dict(template.globals)
+    return template
 
 
 def _template_messages(messages):
@@ -273,11 +289,12 @@ def _template_messages(messages):
 
 
 def _render(messages, tok: Tok, add_generation_prompt, where):
-    """The template's text; a template error (raise_exception, a missing variable) -> DataError at `where`."""
+    """The template's text of messages prepared by _template_messages; a template error
+    (raise_exception, a missing variable) -> DataError at `where`."""
     import jinja2
 
     try:
-        return _compile(tok.chat_template).render(messages=_template_messages(messages), tools=None, documents=None,
+        return _compile(tok.chat_template).render(messages=messages, tools=None, documents=None,
                                                   add_generation_prompt=add_generation_prompt, **tok.template_kwargs)
     except jinja2.exceptions.UndefinedError as e:
         raise DataError(f"{where}: the chat template uses something not given: {e.message} (template variables go in "
@@ -288,10 +305,58 @@ def _render(messages, tok: Tok, add_generation_prompt, where):
         raise DataError(f"{where}: the chat template failed on this conversation: {type(e).__name__}: {e}") from None
 
 
+@functools.lru_cache(maxsize=8)
+def _appends_generation_prompt(source):
+    """True when add_generation_prompt decides nothing but a last top-level
+    {% if add_generation_prompt %}, whose body prints constants and variables the template never
+    sets (Llama 3's, Qwen's, ...): then a prompt with it is the prompt without it plus a suffix
+    that depends on the template variables only (the same for every conversation)."""
+    from jinja2 import nodes
+
+    tree = _compile(source).environment.parse(source)
+    last = tree.body[-1] if tree.body else None
+    if not (isinstance(last, nodes.If) and isinstance(last.test, nodes.Name) and not last.elif_ and not last.else_
+            and [n for n in tree.find_all(nodes.Name) if n.name == "add_generation_prompt"] == [last.test]):
+        return False
+    set_here = {n.name for n in tree.find_all(nodes.Name) if n.ctx != "load"}
+    pure = (nodes.Output, nodes.TemplateData, nodes.Const, nodes.If, nodes.Name, nodes.Test, nodes.Not, nodes.And,
+            nodes.Or, nodes.Compare, nodes.Operand, nodes.Concat)  # no calls, filters or loops
+    inside = [n for b in last.body for n in [b, *b.find_all(nodes.Node)]]
+    return all(type(n) in pure and not (isinstance(n, nodes.Name) and (n.name in set_here or n.name == "messages"))
+               for n in inside)
+
+
+_LAST_SUFFIX = [(None, None, None)]  # the last (template, its variables, suffix): most calls ask again
+
+
+def _generation_suffix_of(tok: Tok):
+    template, kwargs, suffix = _LAST_SUFFIX[0]  # one read: a consistent triple under threads
+    if template is not tok.chat_template or kwargs != tok.template_kwargs:
+        kwargs = copy.deepcopy(tok.template_kwargs)
+        suffix = _generation_suffix(tok.chat_template, json.dumps(kwargs, sort_keys=True))
+        _LAST_SUFFIX[0] = tok.chat_template, kwargs, suffix
+    return suffix
+
+
+@functools.lru_cache(maxsize=8)
+def _generation_suffix(source, kwargs_json):
+    """What add_generation_prompt appends to every rendering (see _appends_generation_prompt), from
+    a probe conversation; None where that does not hold or the probe does not render."""
+    if not _appends_generation_prompt(source):
+        return None
+    tok = Tok(None, None, 0, 0, chat_template=source, template_kwargs=json.loads(kwargs_json))
+    probe = _template_messages([{"role": "user", "content": "Hi"}])
+    try:
+        bare, full = _render(probe, tok, False, "probe"), _render(probe, tok, True, "probe")
+    except DataError:
+        return None
+    return full[len(bare):] if full.startswith(bare) else None
+
+
 def _template_end_of_turn(tok: Tok):
     """The first special token the template writes after an assistant answer (e.g. <|im_end|>,
     <|eot_id|>, </s>), from a probe conversation; None if the probe does not render."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+    probe = _template_messages([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}])
     try:
         head, full = _render(probe[:1], tok, True, "probe"), _render(probe, tok, False, "probe")
     except DataError:
@@ -305,34 +370,59 @@ def _template_end_of_turn(tok: Tok):
 def _template_chat(messages, tok: Tok, add_generation_prompt, first, where):
     """(text, ids, mask) of a conversation rendered with the chat template; mask = 1 on the turns of
     assistant messages from index `first` on (see the module docstring for the rule)."""
-    text = _render(messages, tok, add_generation_prompt, where)
+    prepared = _template_messages(messages)
+    text = _render(prepared, tok, add_generation_prompt, where)
     enc = tok.tokenizer.encode(text, add_special_tokens=False)
-    ids, offsets = enc.ids, enc.offsets
-    mask, stops, t = [0] * len(ids), set(tok.stop_ids), 0
+    ids, ends = enc.ids, _token_ends(enc)
+    mask, stops, t = [0] * len(ids), tok.stop_ids, 0
+    suffix = _generation_suffix_of(tok)
     for k, m in enumerate(messages):
         if k < first or m["role"] != "assistant":
             continue
-        if not text.startswith(_render(messages[:k], tok, False, where)):
+        before = _render(prepared[:k], tok, False, where)
+        if not text.startswith(before):
             raise DataError(f"{where}: the chat template renders messages 0-{k - 1} differently once later messages "
                             f"follow (e.g. a system message moved or dropped), so assistant message {k} has no "
                             "well-defined place in the text; change the conversation (e.g. no system message)")
-        start = len(os.path.commonprefix([_render(messages[:k], tok, True, where), text]))
-        if t > 0 and offsets[t - 1][1] > start:
+        # the same prompt with the generation prompt: a fixed suffix where the template only appends it
+        head = before + suffix if suffix is not None else _render(prepared[:k], tok, True, where)
+        start = len(head) if text.startswith(head) else len(os.path.commonprefix([head, text]))
+        if t > 0 and ends[t - 1] > start:
             raise DataError(f"{where}: the chat template ends an assistant turn before message {k} with none of the "
-                            f"stop tokens {sorted(stops)}: the model could not learn to stop")
-        while t < len(ids) and offsets[t][1] <= start:
-            t += 1
-        s = t
-        while t < len(ids) and ids[t] not in stops:
-            t += 1
+                            f"stop tokens {sorted(set(stops))}: the model could not learn to stop")
+        t = s = _first_ending_after(ends, start, t)
+        t = _first_of(ids, stops, t)
         # where it is a prefix, the turn ends within it (the whole text, for the last message)
-        after = text if k == len(messages) - 1 and not add_generation_prompt else _render(messages[:k + 1], tok, False, where)
-        if t == len(ids) or (text.startswith(after) and offsets[t][1] > len(after)):
+        after = text if k == len(messages) - 1 and not add_generation_prompt else _render(prepared[:k + 1], tok, False, where)
+        if t == len(ids) or (after is not text and text.startswith(after) and ends[t] > len(after)):
             raise DataError(f"{where}: the chat template ends assistant message {k} with none of the stop tokens "
-                            f"{sorted(stops)}: the model could not learn to stop")
+                            f"{sorted(set(stops))}: the model could not learn to stop")
         t += 1
         mask[s:t] = [1] * (t - s)
     return text, ids, mask
+
+
+def _token_ends(enc):
+    """Each token's end offset in the text: never decreasing, as tokens follow the text. The data
+    cache's encodings give them lazily (enc.ends); the library's from its offsets."""
+    ends = getattr(enc, "ends", None)
+    return ends if ends is not None else [b for _, b in enc.offsets]
+
+
+def _first_ending_after(ends, c, lo):
+    """The first token t >= lo with ends[t] > c."""
+    return bisect.bisect_right(ends, c, lo) if isinstance(ends, list) else ends.first_ending_after(c, lo)
+
+
+def _first_of(ids, values, t):
+    """The first index >= t in ids of any of values, else len(ids)."""
+    n = len(ids)
+    for v in values:
+        try:
+            n = ids.index(v, t, n)
+        except ValueError:
+            pass
+    return n
 
 
 # ----------------------------------------------------------------------------- built-in formats

@@ -1,6 +1,7 @@
 """data/cache.py: the memory-mapped token cache gives exactly the batches of tokenizing in memory
 (every script's data path), its key follows every input, a half-written cache is never read, 1
 and 2 ranks build the same files. (A resumed run reusing it: test_train_sft.py's resume test.)"""
+import bisect
 import json
 import os
 import random
@@ -136,13 +137,20 @@ def byte_bpe(pattern=cache.SPLIT_PATTERNS[0], gpt2=False, specials=("<|endoftext
     return tk
 
 
-@pytest.fixture(params=["chatml", "bpe", "llama3-real"])
+CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(params=["chatml", "bpe", "bpe-template", "llama3-real"])
 def tok(request, tmp_path):
     if request.param == "chatml":  # character level: every content token is its own character
         return make_tok("chatml", tmp_path)
-    if request.param == "bpe":  # byte-level BPE (built-in ChatML format): encoded piece by piece in the build
+    if request.param.startswith("bpe"):  # byte-level BPE: encoded piece by piece in the build
         byte_bpe().save(str(tmp_path / "tokenizer.json"))
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+        config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+        if request.param == "bpe-template":  # rendered by jinja: the build's lazy token ends, one render saved
+            config["chat_template"] = CHATML_TEMPLATE
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
         return chat.load_tokenizer(tmp_path)
     return request.getfixturevalue("llama3")  # the real one with its chat template: text encoded whole, offsets used
 
@@ -336,8 +344,47 @@ def test_piecewise_encoding_equals_whole(which):
         for t in tricky():
             want, got = tk.encode(t, add_special_tokens=False), memo.encode(t, add_special_tokens=False)
             assert (got.ids, got.offsets) == (want.ids, want.offsets), repr(t)
-    assert 1000 < len(memo.ids) < 20000  # pieces recur (whitespace-led "words"): each is encoded once
+    assert 1000 < len(memo.bare) + len(memo.spaced) < 20000  # pieces recur (whitespace-led "words"): each is encoded once
     assert memo.encode("a b", add_special_tokens=True).ids == tk.encode("a b").ids
+
+
+def test_piecewise_encoding_cuts_at_added_tokens():
+    """Added tokens are cut out as the library finds them (leftmost-longest, overlapping ones too),
+    so a template's "last word<|im_end|>\n<|im_start|>assistant\nfirst word" is not one piece new in
+    every conversation: the memo holds words, not pairs of words."""
+    from tokenizers import AddedToken
+
+    tk = byte_bpe()
+    tk.add_tokens([AddedToken("<|im", normalized=False), AddedToken("end|>x", normalized=False)])  # overlapping
+    assert cache._word_memo(tk) and cache._added_split(tk)
+    memo = cache._MemoTokenizer(tk)
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefgh", k=5)) for _ in range(40)]
+    texts = [f"<|im_start|>user\n{' '.join(rng.choices(words, k=4))}<|im_end|>\n<|im_start|>assistant\n"
+             f"{' '.join(rng.choices(words, k=4))}<|im_end|>x<|im" for _ in range(400)]
+    for t in texts + tricky(300) + ["<|im_end|>x", "<|imend|>x", "a<|im<|im_end|>"]:
+        want, got = tk.encode(t, add_special_tokens=False), memo.encode(t, add_special_tokens=False)
+        assert (got.ids, got.offsets) == (want.ids, want.offsets), repr(t)
+    memo = cache._MemoTokenizer(tk)
+    for t in texts:
+        memo.encode(t, add_special_tokens=False)
+    assert len(memo.bare) + len(memo.spaced) < 150  # cut only at spaces: ~700 pieces, most holding two words
+
+
+def test_lazy_token_ends_are_the_offsets_ends():
+    """The build's encodings give token ends lazily (chat.py bisects them for the assistant mask):
+    the same as the library's offsets."""
+    tk = byte_bpe()
+    memo = cache._MemoTokenizer(tk)
+    for t in tricky(300):
+        ends = memo.encode(t, add_special_tokens=False).ends
+        want = [b for _, b in tk.encode(t, add_special_tokens=False).offsets]
+        assert len(ends) == len(want) and [ends[i] for i in range(len(ends))] == want, repr(t)
+        for c in range(len(t) + 2):
+            for lo in {0, len(want) // 2, len(want)}:
+                assert ends.first_ending_after(c, lo) == bisect.bisect_right(want, c, lo), (repr(t), c, lo)
+        with pytest.raises(IndexError):
+            ends[len(want)]
 
 
 def test_piecewise_encoding_only_where_it_is_exact(tmp_path):

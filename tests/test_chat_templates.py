@@ -207,3 +207,50 @@ def test_builtin_formats_stay_the_fallback(tmp_path, monkeypatch):
     assert tok.chat_format == "chatml" and tok.chat_template is None
     with pytest.raises(ValueError, match="--chat-template-kwargs given, but"):
         chat.load_tokenizer(d, chat_format="chatml", template_kwargs='{"enable_thinking": false}')
+
+
+def render(template, conv, gen, **kwargs):
+    return chat._render(chat._template_messages(conv), chat.Tok(None, None, 0, 0, chat_template=template,
+                                                                template_kwargs=kwargs), gen, "test")
+
+
+GEN_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+
+
+@pytest.mark.parametrize("template, appends", [
+    (LLAMA31, True), (QWEN25, True), (LLAMA2_CHAT, False), (MISTRAL_V03, False),  # the last two have no generation prompt
+    (GEN_TEMPLATE + "{% if add_generation_prompt %}{{ bos_token }}<assistant>{% if think is defined and think %}"
+     "<think>{% endif %}{% endif %}", True),
+    (GEN_TEMPLATE.replace("</s>", "{% if not add_generation_prompt %}</s>{% endif %}")
+     + "{% if add_generation_prompt %}<assistant>{% endif %}", False),  # decides something else too
+    (GEN_TEMPLATE + "{% if add_generation_prompt %}<assistant>{{ messages | length }}{% endif %}", False),  # a filter
+    (GEN_TEMPLATE + "{% if add_generation_prompt %}{{ strftime_now('%S') }}{% endif %}", False),  # a call
+    ("{% set tag = '<a>' %}" + GEN_TEMPLATE + "{% if add_generation_prompt %}{{ tag }}{% endif %}", False),  # set here
+    (GEN_TEMPLATE + "{% if add_generation_prompt %}<assistant>{% else %}<end>{% endif %}", False),
+    (GEN_TEMPLATE + "{% if add_generation_prompt %}<assistant>{% endif %}<eof>", False),  # not the last thing
+])
+def test_generation_prompt_suffix(template, appends):
+    """Where the template decides nothing but a last {% if add_generation_prompt %} printing constants
+    and variables, a prompt's rendering with the generation prompt is the one without it plus a
+    fixed suffix (the mask needs one render less per assistant turn); elsewhere both are rendered."""
+    assert chat._appends_generation_prompt(template) == appends
+    for kwargs in ({"bos_token": "<s>", "date_string": "01 Jan 2025"}, {"bos_token": "<s>", "think": True}):
+        suffix = chat._generation_suffix(template, json.dumps(kwargs, sort_keys=True))
+        assert (suffix is not None) == appends
+        for conv in CONVS.values():
+            for k in range(len(conv)):
+                if appends:
+                    assert render(template, conv[:k + 1], True, **kwargs) == render(template, conv[:k + 1], False, **kwargs) + suffix
+    if "think" in template:  # the suffix follows the variables
+        assert chat._generation_suffix(template, json.dumps({"bos_token": "<s>", "think": True})) == "<s><assistant><think>"
+        assert chat._generation_suffix(template, json.dumps({"bos_token": "<s>"})) == "<s><assistant>"
+
+
+def test_sandbox_refuses_unsafe_attributes_every_time():
+    """The sandbox's attribute verdicts are remembered per (type, name): a refusal stays a refusal."""
+    for source in ["{{ messages.append('x') }}", "{{ messages[0].clear() }}", "{{ messages.__class__ }}",
+                   "{{ messages[0].items.__self__ }}"]:
+        for _ in range(2):
+            with pytest.raises(formats.DataError):
+                render(source, [U1], False)
+    assert render("{{ messages[0].get('role') }}{% for m in messages %}{{ loop.index0 }}{% endfor %}", [U1, A1], False) == "user01"
