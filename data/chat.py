@@ -326,31 +326,26 @@ def _appends_generation_prompt(source):
                for n in inside)
 
 
-_LAST_SUFFIX = [(None, None, None)]  # the last (template, its variables, suffix): most calls ask again
+_SUFFIXES = []  # the last few (template, its variables, suffix) asked for: every conversation asks again
 
 
-def _generation_suffix_of(tok: Tok):
-    template, kwargs, suffix = _LAST_SUFFIX[0]  # one read: a consistent triple under threads
-    if template is not tok.chat_template or kwargs != tok.template_kwargs:
-        kwargs = copy.deepcopy(tok.template_kwargs)
-        suffix = _generation_suffix(tok.chat_template, json.dumps(kwargs, sort_keys=True))
-        _LAST_SUFFIX[0] = tok.chat_template, kwargs, suffix
+def _generation_suffix(tok: Tok):
+    """What add_generation_prompt appends to every rendering with tok's template and variables
+    (see _appends_generation_prompt), from a probe conversation; None where that does not hold or
+    the probe does not render."""
+    for template, kwargs, suffix in list(_SUFFIXES):  # a copy: other threads may add to it
+        if template is tok.chat_template and kwargs == tok.template_kwargs:
+            return suffix
+    suffix = None
+    if _appends_generation_prompt(tok.chat_template):
+        probe = _template_messages([{"role": "user", "content": "Hi"}])
+        try:
+            bare, full = _render(probe, tok, False, "probe"), _render(probe, tok, True, "probe")
+            suffix = full[len(bare):] if full.startswith(bare) else None
+        except DataError:
+            pass
+    _SUFFIXES[:] = _SUFFIXES[-3:] + [(tok.chat_template, copy.deepcopy(tok.template_kwargs), suffix)]
     return suffix
-
-
-@functools.lru_cache(maxsize=8)
-def _generation_suffix(source, kwargs_json):
-    """What add_generation_prompt appends to every rendering (see _appends_generation_prompt), from
-    a probe conversation; None where that does not hold or the probe does not render."""
-    if not _appends_generation_prompt(source):
-        return None
-    tok = Tok(None, None, 0, 0, chat_template=source, template_kwargs=json.loads(kwargs_json))
-    probe = _template_messages([{"role": "user", "content": "Hi"}])
-    try:
-        bare, full = _render(probe, tok, False, "probe"), _render(probe, tok, True, "probe")
-    except DataError:
-        return None
-    return full[len(bare):] if full.startswith(bare) else None
 
 
 def _template_end_of_turn(tok: Tok):
@@ -375,7 +370,7 @@ def _template_chat(messages, tok: Tok, add_generation_prompt, first, where):
     enc = tok.tokenizer.encode(text, add_special_tokens=False)
     ids, ends = enc.ids, _token_ends(enc)
     mask, stops, t = [0] * len(ids), tok.stop_ids, 0
-    suffix = _generation_suffix_of(tok)
+    suffix = _generation_suffix(tok)
     for k, m in enumerate(messages):
         if k < first or m["role"] != "assistant":
             continue

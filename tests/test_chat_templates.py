@@ -209,9 +209,12 @@ def test_builtin_formats_stay_the_fallback(tmp_path, monkeypatch):
         chat.load_tokenizer(d, chat_format="chatml", template_kwargs='{"enable_thinking": false}')
 
 
+def template_tok(template, **kwargs):
+    return chat.Tok(None, None, 0, 0, chat_template=template, template_kwargs=kwargs)
+
+
 def render(template, conv, gen, **kwargs):
-    return chat._render(chat._template_messages(conv), chat.Tok(None, None, 0, 0, chat_template=template,
-                                                                template_kwargs=kwargs), gen, "test")
+    return chat._render(chat._template_messages(conv), template_tok(template, **kwargs), gen, "test")
 
 
 GEN_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
@@ -235,15 +238,16 @@ def test_generation_prompt_suffix(template, appends):
     fixed suffix (the mask needs one render less per assistant turn); elsewhere both are rendered."""
     assert chat._appends_generation_prompt(template) == appends
     for kwargs in ({"bos_token": "<s>", "date_string": "01 Jan 2025"}, {"bos_token": "<s>", "think": True}):
-        suffix = chat._generation_suffix(template, json.dumps(kwargs, sort_keys=True))
+        suffix = chat._generation_suffix(template_tok(template, **kwargs))
         assert (suffix is not None) == appends
         for conv in CONVS.values():
             for k in range(len(conv)):
                 if appends:
                     assert render(template, conv[:k + 1], True, **kwargs) == render(template, conv[:k + 1], False, **kwargs) + suffix
     if "think" in template:  # the suffix follows the variables
-        assert chat._generation_suffix(template, json.dumps({"bos_token": "<s>", "think": True})) == "<s><assistant><think>"
-        assert chat._generation_suffix(template, json.dumps({"bos_token": "<s>"})) == "<s><assistant>"
+        assert chat._generation_suffix(template_tok(template, bos_token="<s>", think=True)) == "<s><assistant><think>"
+        assert chat._generation_suffix(template_tok(template, bos_token="<s>")) == "<s><assistant>"
+        assert chat._generation_suffix(template_tok(template, bos_token=("<s>",))) == "('<s>',)<assistant>"  # as given
 
 
 def test_sandbox_refuses_unsafe_attributes_every_time():
