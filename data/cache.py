@@ -385,14 +385,15 @@ class _MemoTokenizer:
     def _learn(self, text):
         if len(self.bare) + len(self.spaced) > MEMO_SIZE:  # forgotten all at once
             self.bare, self.spaced = {}, {}
-        new = {}  # piece -> (its dict, its key there)
-        self._walk(text, lambda p: p in self.bare or new.setdefault(p, (self.bare, p)),
-                   lambda p: p in self.spaced or new.setdefault(" " + p, (self.spaced, p)))
+        new = {}  # piece -> [(a dict, its key there)]: " b" may be new as bare " b" and as spaced "b"
+        self._walk(text, lambda p: p in self.bare or new.setdefault(p, []).append((self.bare, p)),
+                   lambda p: p in self.spaced or new.setdefault(" " + p, []).append((self.spaced, p)))
         # a batch costs more than a call for each of a few pieces (threads to wake)
         encs = self.tk.encode_batch(list(new), add_special_tokens=False) if len(new) > 16 else \
             [self.tk.encode(p, add_special_tokens=False) for p in new]
-        for (piece, (memo, k)), e in zip(new.items(), encs):
-            memo[k] = (e.ids, e.offsets, len(piece))
+        for (piece, places), e in zip(new.items(), encs):
+            for memo, k in places:
+                memo[k] = (e.ids, e.offsets, len(piece))
 
     def __getattr__(self, name):
         return getattr(self.tk, name)

@@ -121,6 +121,14 @@ def llama3():
     return chat.load_tokenizer(LLAMA3)
 
 
+@pytest.fixture(scope="module")
+def qwen3():
+    path = os.path.join(LLAMA3, "..", "qwen3")
+    if not os.path.exists(path):
+        pytest.skip("../shared/tokenizers/qwen3 not present")
+    return chat.load_tokenizer(path)
+
+
 def byte_bpe(pattern=cache.SPLIT_PATTERNS[0], gpt2=False, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
     """A small byte-level BPE trained here with a Llama-3 / Qwen2 / GPT-2 style pre-tokenizer: the
     kind of tokenizer the build encodes piece by piece (cache._MemoTokenizer)."""
@@ -141,7 +149,7 @@ CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + 
                    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-@pytest.fixture(params=["chatml", "bpe", "bpe-template", "llama3-real"])
+@pytest.fixture(params=["chatml", "bpe", "bpe-template", "llama3-real", "qwen3-real"])
 def tok(request, tmp_path):
     if request.param == "chatml":  # character level: every content token is its own character
         return make_tok("chatml", tmp_path)
@@ -152,7 +160,7 @@ def tok(request, tmp_path):
             config["chat_template"] = CHATML_TEMPLATE
         (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
         return chat.load_tokenizer(tmp_path)
-    return request.getfixturevalue("llama3")  # the real one with its chat template: text encoded whole, offsets used
+    return request.getfixturevalue(request.param[:-5])  # real ones with their chat templates (Qwen3's: <think> blocks)
 
 
 @pytest.mark.parametrize("kind", ["sft", "preference", "unpaired", "prompts"])
@@ -314,7 +322,8 @@ def test_ranks_use_rank0s_key(tmp_path, monkeypatch):
     assert got[1] is not None and got[0].path == got[1].path and len(got[1]) == 10
 
 
-TRICKY = ["a  b", "a   b c", "a \nb", "x 's", "it's don't 'LL", "hi <|im_end|> next", " lead", "trail ", "  ", "",
+# first: " z" new twice in one text, as a piece cut by the rule and as one found after a plain space
+TRICKY = ["q  w z<|im_end|>v z", "a  b", "a   b c", "a \nb", "x 's", "it's don't 'LL", "hi <|im_end|> next", " lead", "trail ", "  ", "",
           "日本語 のテキスト 123456 x", "emoji 😀 test 😀😀", "tab\t sep", "a\u00a0b c", "cafe\u0301 e\u0301 \u0301x",
           "x\r\n y", "1 2 3 4444 55555", "<|im_start|>user\nhi there<|im_end|>\n", "a\u2028 b\u3000 c\u200b d", "!! ?? ..."]
 
