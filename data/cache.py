@@ -333,7 +333,7 @@ def _added_split(tk):
     leftmost-longest in the raw text, the text between them pre-tokenized on its own. None where
     some token is matched otherwise (in the normalized text, or as a single word only)."""
     added = tk.get_added_tokens_decoder().values()
-    if not added or any(t.normalized or t.single_word for t in added):
+    if not added or any(t.normalized or t.single_word for t in added) or getattr(tk, "encode_special_tokens", False):
         return None
     # at each position the first alternative that matches wins: longest first gives leftmost-longest
     return re.compile("(" + "|".join(map(re.escape, sorted({t.content for t in added}, key=len, reverse=True))) + ")")
@@ -349,8 +349,10 @@ class _MemoTokenizer:
 
     def __init__(self, tk):
         self.tk, self.added = tk, _added_split(tk)
-        # piece -> (ids, offsets, characters); "spaced" holds pieces that start with a space, keyed
-        # without it (the common case below finds them without building the piece's string)
+        # an added token to join new pieces by (see _encode_pieces)
+        self.sep = next(((i, t.content) for i, t in tk.get_added_tokens_decoder().items()), None) if self.added else None
+        # piece -> (ids, offsets, characters); "spaced" holds the same for pieces that start with a
+        # space, keyed without it (the common case below finds them without building the string)
         self.bare, self.spaced = {}, {}
 
     def _walk(self, text, bare, spaced):
@@ -375,25 +377,47 @@ class _MemoTokenizer:
         try:  # the common case: every piece seen before, one lookup each
             pieces = self._walk(text, self.bare.__getitem__, self.spaced.__getitem__)
         except KeyError:
-            self._learn(text)
-            pieces = self._walk(text, self.bare.__getitem__, self.spaced.__getitem__)
+            pieces = self._learn(text)
         ids = []
         for p in pieces:
             ids += p[0]
         return _Encoding(ids, pieces)
 
     def _learn(self, text):
-        if len(self.bare) + len(self.spaced) > MEMO_SIZE:  # forgotten all at once
+        """What _walk finds for text, its new pieces encoded and remembered first."""
+        if len(self.bare) > MEMO_SIZE:  # forgotten all at once
             self.bare, self.spaced = {}, {}
-        new = {}  # piece -> [(a dict, its key there)]: " b" may be new as bare " b" and as spaced "b"
-        self._walk(text, lambda p: p in self.bare or new.setdefault(p, []).append((self.bare, p)),
-                   lambda p: p in self.spaced or new.setdefault(" " + p, []).append((self.spaced, p)))
-        # a batch costs more than a call for each of a few pieces (threads to wake)
-        encs = self.tk.encode_batch(list(new), add_special_tokens=False) if len(new) > 16 else \
-            [self.tk.encode(p, add_special_tokens=False) for p in new]
-        for (piece, places), e in zip(new.items(), encs):
-            for memo, k in places:
-                memo[k] = (e.ids, e.offsets, len(piece))
+        pieces = self._walk(text, str, " ".__add__)  # the pieces themselves
+        new = [p for p in dict.fromkeys(pieces) if p not in self.bare]
+        for p, value in zip(new, self._encode_pieces(new)):
+            self.bare[p] = value
+            if p[0] == " ":  # found by either path
+                self.spaced[p[1:]] = value
+        return list(map(self.bare.__getitem__, pieces))
+
+    def _encode_pieces(self, pieces):
+        """(ids, offsets, characters) of each piece: in one call where the tokenizer has added
+        tokens, the pieces joined by one (the library cuts text at added tokens, so each piece is
+        encoded as alone; checked: every joint is that token, where the join put it). A call per
+        piece costs several times more."""
+        if self.sep is not None and len(pieces) > 1:
+            sep_id, sep = self.sep
+            enc = self.tk.encode(sep.join(pieces), add_special_tokens=False)
+            ids, offs, out, i, at = enc.ids, enc.offsets, [], 0, 0
+            for p in pieces:
+                end = at + len(p)  # the piece is text[at:end], the joint after it text[end:end + len(sep)]
+                j = i
+                while j < len(ids) and offs[j][0] < end:
+                    j += 1
+                out.append((ids[i:j], [(a - at, b - at) for a, b in offs[i:j]], len(p)))
+                if len(out) < len(pieces) and not (j < len(ids) and ids[j] == sep_id and offs[j] == (end, end + len(sep))):
+                    break
+                i, at = j + 1, end + len(sep)
+            else:
+                if i == len(ids) + 1:
+                    return out
+        encs = (self.tk.encode(p, add_special_tokens=False) for p in pieces)
+        return [(e.ids, e.offsets, len(p)) for p, e in zip(pieces, encs)]
 
     def __getattr__(self, name):
         return getattr(self.tk, name)
