@@ -326,6 +326,7 @@ def _appends_generation_prompt(source):
                for n in inside)
 
 
+PROBE = _template_messages([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}])  # what probes render
 _SUFFIXES = []  # the last few (template, its variables, suffix) asked for: every conversation asks again
 
 
@@ -338,9 +339,8 @@ def _generation_suffix(tok: Tok):
             return suffix
     suffix = None
     if _appends_generation_prompt(tok.chat_template):
-        probe = _template_messages([{"role": "user", "content": "Hi"}])
         try:
-            bare, full = _render(probe, tok, False, "probe"), _render(probe, tok, True, "probe")
+            bare, full = _render(PROBE[:1], tok, False, "probe"), _render(PROBE[:1], tok, True, "probe")
             suffix = full[len(bare):] if full.startswith(bare) else None
         except DataError:
             pass
@@ -351,9 +351,8 @@ def _generation_suffix(tok: Tok):
 def _template_end_of_turn(tok: Tok):
     """The first special token the template writes after an assistant answer (e.g. <|im_end|>,
     <|eot_id|>, </s>), from a probe conversation; None if the probe does not render."""
-    probe = _template_messages([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}])
     try:
-        head, full = _render(probe[:1], tok, True, "probe"), _render(probe, tok, False, "probe")
+        head, full = _render(PROBE[:1], tok, True, "probe"), _render(PROBE, tok, False, "probe")
     except DataError:
         return None
     special = {i for i, t in tok.tokenizer.get_added_tokens_decoder().items() if t.special}
