@@ -86,6 +86,11 @@ def apply_lora(model, r, alpha, dropout=0.0, targets="all-linear", rslora=False,
     if not hits:
         raise ValueError(f"--lora-targets {targets!r} matches no module of the {model.cfg.model_type} model "
                          f"(its projections: {', '.join(sorted(GPT2_TARGETS) if model.cfg.gpt2 else ALL_LINEAR)})")
+    narrow = min(hits, key=lambda h: min(h[1].in_features, h[1].out_features))
+    if r > min(narrow[1].in_features, narrow[1].out_features):
+        k = min(narrow[1].in_features, narrow[1].out_features)
+        raise ValueError(f"--lora-r {r}: larger than {narrow[0]} ({narrow[1].in_features} -> {narrow[1].out_features}), "
+                         f"whose update has rank {k} at most; use --lora-r {k} or less")
     for name, m in hits:
         parent, leaf = scope.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
         setattr(parent, leaf, LoRALinear(m, r, alpha, dropout, rslora, g))

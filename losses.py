@@ -521,7 +521,7 @@ def rloo_advantages(rewards, group_size):
 # ---------------------------------------------------------------------------------------------
 
 
-def policy_gradient_loss(per_token_loss, mask, agg="dapo", max_len=None, num_tokens=None):
+def policy_gradient_loss(per_token_loss, mask, agg="dapo", max_len=None, num_tokens=None, num_sequences=None):
     """Reduce a per-token loss [B, T] with mask [B, T] to a scalar; the choice matters.
 
       grpo     mean over each sequence's tokens, then mean over sequences (GRPO, Shao et al.
@@ -530,23 +530,23 @@ def policy_gradient_loss(per_token_loss, mask, agg="dapo", max_len=None, num_tok
                max_len is the maximum completion length, default T
       dapo     sum over all tokens / number of tokens, the token-level mean (DAPO, Yu et al. 2025)
 
-    num_tokens (dapo only) replaces this batch's token count: pass the count of the whole batch
-    across ranks (divided by the number of ranks when gradients are averaged over them, as FSDP
-    does) so that every token weighs the same wherever it is; see `sft_loss`.
+    num_tokens (dapo) and num_sequences (grpo, dr_grpo) replace this batch's token and sequence
+    counts: pass those of the whole optimizer step across micro-batches and ranks so that every
+    token (every sequence) weighs the same wherever it is; see `sft_loss` and loop.accumulate.
     """
     mask = mask.to(per_token_loss.dtype)
+    B, T = mask.shape
     if agg == "grpo":
-        return masked_mean(per_token_loss, mask, dim=-1).mean()
+        return masked_mean(per_token_loss, mask, dim=-1).sum() / (num_sequences or B)
     if agg == "dr_grpo":
-        B, T = mask.shape
-        return (per_token_loss * mask).sum() / (B * (max_len or T))
+        return (per_token_loss * mask).sum() / ((num_sequences or B) * (max_len or T))
     if agg == "dapo":
         return masked_mean(per_token_loss, mask) if num_tokens is None else (per_token_loss * mask).sum() / num_tokens
     raise ValueError(f"unknown agg {agg!r}; expected 'grpo', 'dr_grpo' or 'dapo'")
 
 
 def ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_high=None,
-                    agg="dapo", max_len=None, num_tokens=None, level="token"):
+                    agg="dapo", max_len=None, num_tokens=None, level="token", num_sequences=None):
     """PPO's clipped surrogate objective (Schulman et al., 2017), as a loss to minimise.
 
     logps [B, T] current policy; old_logps [B, T] detached, from the policy that sampled;
@@ -556,7 +556,7 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_h
       ratio = exp(logps - old_logps)
       per-token loss = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))
     clip_eps_high defaults to clip_eps; a larger one is DAPO's "clip-higher" (Yu et al., 2025).
-    The per-token loss is reduced by `policy_gradient_loss(agg, max_len, num_tokens)`: the default
+    The per-token loss is reduced by `policy_gradient_loss(agg, max_len, num_tokens, num_sequences)`: the default
     "dapo" is the token mean over the mask (PPO); GRPO uses agg="grpo" or "dr_grpo".
 
     level="sequence" is GSPO (Zheng et al., 2025, eq. 7): the log-ratio is first replaced by its
@@ -576,7 +576,7 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_h
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
-    loss = policy_gradient_loss(torch.maximum(unclipped, clipped), mask, agg, max_len, num_tokens)
+    loss = policy_gradient_loss(torch.maximum(unclipped, clipped), mask, agg, max_len, num_tokens, num_sequences)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
@@ -586,7 +586,8 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_h
     return loss, stats
 
 
-def cispo_loss(logps, old_logps, advantages, mask, max_ratio=5.0, agg="dapo", max_len=None, num_tokens=None):
+def cispo_loss(logps, old_logps, advantages, mask, max_ratio=5.0, agg="dapo", max_len=None, num_tokens=None,
+               num_sequences=None):
     """CISPO (MiniMax-M1, 2025): REINFORCE with a clipped, stop-gradient importance weight.
 
     logps [B, T] current policy; old_logps [B, T] detached; advantages [B, T]; mask [B, T]
@@ -600,7 +601,7 @@ def cispo_loss(logps, old_logps, advantages, mask, max_ratio=5.0, agg="dapo", ma
     """
     ratio = torch.exp(logps - old_logps)
     weight = torch.clamp(ratio, max=max_ratio).detach()
-    loss = policy_gradient_loss(-weight * advantages * logps, mask, agg, max_len, num_tokens)
+    loss = policy_gradient_loss(-weight * advantages * logps, mask, agg, max_len, num_tokens, num_sequences)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((ratio > max_ratio).to(ratio.dtype), mask),
                  "ratio_mean": masked_mean(ratio, mask)}
@@ -608,7 +609,7 @@ def cispo_loss(logps, old_logps, advantages, mask, max_ratio=5.0, agg="dapo", ma
 
 
 def sapo_loss(logps, old_logps, advantages, mask, tau_pos=1.0, tau_neg=1.05, agg="grpo", max_len=None,
-              num_tokens=None):
+              num_tokens=None, num_sequences=None):
     """SAPO (Gao et al., 2025, "Soft Adaptive Policy Optimization"): a smooth sigmoid gate in
     place of PPO's hard clip.
 
@@ -625,13 +626,13 @@ def sapo_loss(logps, old_logps, advantages, mask, tau_pos=1.0, tau_neg=1.05, agg
     tau = torch.where(advantages > 0, torch.as_tensor(tau_pos, dtype=ratio.dtype),
                       torch.as_tensor(tau_neg, dtype=ratio.dtype))
     gate = torch.sigmoid(tau * (ratio - 1)) * 4 / tau
-    loss = policy_gradient_loss(-gate * advantages, mask, agg, max_len, num_tokens)
+    loss = policy_gradient_loss(-gate * advantages, mask, agg, max_len, num_tokens, num_sequences)
     with torch.no_grad():
         stats = {"ratio_mean": masked_mean(ratio, mask)}
     return loss, stats
 
 
-def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
+def ppo_value_loss(values, old_values, returns, mask, clip=0.2, num_tokens=None):
     """PPO's clipped value loss (as in OpenAI's baselines and TRL's PPO).
 
     values [B, T] current critic; old_values [B, T] critic at rollout time; returns [B, T] GAE
@@ -639,11 +640,13 @@ def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
 
       v_clip = old + clip(values - old, -clip, clip)
       loss = 0.5 * masked_mean(max((values - R)^2, (v_clip - R)^2))
+    num_tokens replaces the batch's token count in the mean (the whole step's: loop.accumulate).
     """
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped = (values - returns) ** 2
     clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    worst = torch.maximum(unclipped, clipped)
+    loss = 0.5 * (masked_mean(worst, mask) if num_tokens is None else (worst * mask.to(worst.dtype)).sum() / num_tokens)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
     return loss, stats

@@ -436,7 +436,8 @@ def read_tensors(index: dict, names, cfg: ModelConfig, device="cpu", dtype=None,
     return _gpt2_to_ours(sd, cfg.hidden_size) if cfg.gpt2 else sd
 
 
-def load_parts(path, head="lm", dtype=torch.float32, device="cpu", seed=0, shard=None, frozen_embedding=False):
+def load_parts(path, head="lm", dtype=torch.float32, device="cpu", seed=0, shard=None, frozen_embedding=False,
+               keep_layers=0):
     """Load an HF directory one block at a time: the model is built on the meta device, then each
     block (and last the rest: embeddings, final norm, head) is read from the safetensors files
     (only its own tensors) and assigned in place. Yields (model, part) after each part is filled,
@@ -446,8 +447,14 @@ def load_parts(path, head="lm", dtype=torch.float32, device="cpu", seed=0, shard
     root's matrices (embeddings, head) hold only this rank's FSDP2 rows (see read_tensor), for a
     caller that shards the root before touching them. frozen_embedding: the token embedding, when
     it is not also the LM head, stays in the checkpoint's dtype where that is narrower (a bf16
-    file: half the memory, and the same values, upcast row by row in forward)."""
+    file: half the memory, and the same values, upcast row by row in forward). keep_layers > 0:
+    only the first N blocks are built and read (the saved config then says N layers)."""
     cfg = read_config(path)
+    if keep_layers:
+        if not 0 < keep_layers <= cfg.num_layers:
+            raise ValueError(f"{path}: keeping {keep_layers} layers of a model that has {cfg.num_layers}")
+        cfg.num_layers = keep_layers
+        cfg.hf = dict(cfg.hf, **{"n_layer" if cfg.gpt2 else "num_hidden_layers": keep_layers})
     with torch.device("meta"):
         model = Transformer(cfg, head)
     index = checkpoint_index(path)

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
+import checkpoint
 import common
+import forward
 import lora
 import losses
 from data import batching, cache, chat, formats, task
+from loop import Loop, accumulate, micro_batches, sum_over_ranks
 
 REFERENCE_FREE = ("simpo", "orpo")
 AVERAGED = ("ipo", "sigmoid_norm", "simpo", "orpo")  # losses defined on length-normalised log-probs
@@ -31,10 +34,10 @@ class DPOConfig(common.TrainConfig):
     """Preference optimisation: DPO and its family. --loss: sigmoid robust ipo hinge nca_pair bco_pair
     sppo_hard apo_zero apo_down exo_pair sigmoid_norm aot aot_pair discopop (losses.dpo_loss), simpo orpo
     (reference-free) or kto (unpaired)."""
-    model: str = ""             # policy init (HF dir); default: the built-in task's SFT model
+    model: str = ""             # policy init (HF dir); default: the built-in task's SFT model (runs/sft)
     ref_model: str = ""         # frozen reference; default: --model (with --lora-r: the policy with adapters off)
     out: str = "runs/dpo"
-    loss: str = "sigmoid"       # a losses.DPO_LOSS_TYPES entry, or simpo | orpo | kto
+    loss: str = "sigmoid"       # the objective: losses.dpo_loss's types, or simpo | orpo (no reference) | kto (unpaired)
     beta: float = 0.1           # strength of the KL regularisation (inverse temperature of the implicit reward)
     label_smoothing: float = 0.0  # cDPO / robust / aot / aot_pair
     discopop_tau: float = 0.05  # --loss discopop: temperature of the log-ratio modulation
@@ -55,20 +58,13 @@ class DPOConfig(common.TrainConfig):
     max_new_tokens: int = 16    # built-in task: length cap of generated answers
     samples_per_prompt: int = 8  # built-in task: sampled answers per prompt to build pairs
     pair_prompts: int = 2000     # built-in task: training prompts sampled to build pairs
-    sft_steps: int = 0           # built-in task: SFT steps if no SFT model exists (0 = its default)
     RANGES = {**common.TrainConfig.RANGES, "beta": "(0, inf)", "label_smoothing": "[0, 0.5]",
               "max_prompt_length": "[1, inf)", "max_new_tokens": "[1, inf)", "samples_per_prompt": "[1, inf)"}
+    CHOICES = {**common.TrainConfig.CHOICES, "loss": losses.DPO_LOSS_TYPES + REFERENCE_FREE + ("kto",)}
 
 
 def collate(rows, pad_id, cfg):
     return (batching.collate_preference_shared if cfg.share_prompt else batching.collate_preference)(rows, pad_id)
-
-
-def sequence_logps(model, batch, dist, cfg):
-    """Completion log-probs per row: (sum [N], mean [N], per-token [N, T], mask [N, T])."""
-    logps, mask = common.token_logps(model, batch, dist, cfg.chunk_size)
-    total = (logps * mask).sum(-1)
-    return total, total / mask.sum(-1).clamp(min=1), logps, mask
 
 
 def kto_rows(examples, idx):
@@ -80,51 +76,58 @@ def kto_rows(examples, idx):
              "rejected_ids": examples[(j + 1) % n]["completion_ids"]} for j in idx]
 
 
-def objective(cfg, pol, ref, n, desirable=None, dist=None):
-    """The configured loss on n pairs (or, for KTO, n unpaired examples). pol and ref are
-    sequence_logps outputs over rows [chosen; rejected] (KTO: [target; mismatched]); ref is None
-    for reference-free losses. With `dist`, KTO's KL baseline is averaged over ranks. Returns
-    (loss, metrics as floats)."""
-    use = 1 if cfg.loss in AVERAGED else 0  # IPO, sigmoid_norm, SimPO and ORPO use length-averaged log-probs
-    c, r = pol[use][:n], pol[use][n:]
+def counts(examples, idx, cfg):
+    """The units a micro-batch's loss is normalised by (loop.accumulate): pairs (KTO: examples),
+    and the chosen completions' tokens for the NLL term of RPO and ORPO."""
+    chosen = sum(len(examples[j]["chosen_ids" if cfg.loss != "kto" else "completion_ids"]) for j in idx)
+    return {"pairs": len(idx), "chosen_tokens": chosen}
+
+
+def objective(cfg, pol, ref, n, totals, desirable=None, dist=None):
+    """The configured loss on n pairs (or, for KTO, n unpaired examples), as sums divided by
+    `totals` (counts' units over the step: loop.accumulate). pol and ref are forward.SequenceLogps
+    over rows [chosen; rejected] (KTO: [target; mismatched]); ref is None for reference-free
+    losses. With `dist`, KTO's KL baseline is averaged over ranks. Returns (loss, metrics as floats,
+    each a sum over the pairs divided by totals["pairs"])."""
+    share = n / totals["pairs"]  # a micro-batch mean times its share is its part of the step's mean
     if cfg.loss == "kto":
         # the KL estimate is a batch-level, detached baseline: in training, averaged over ranks
-        kl = (pol[0][n:] - ref[0][n:]).mean().item()
+        kl = (pol.sum[n:] - ref.sum[n:]).mean().item()
         if dist is not None:
             kl = common.all_sum(kl, dist) / dist.world
-        per_row, rewards = losses.kto_loss(pol[0][:n], ref[0][:n], desirable, torch.tensor(kl), cfg.beta,
+        per_row, rewards = losses.kto_loss(pol.sum[:n], ref.sum[:n], desirable, torch.tensor(kl), cfg.beta,
                                            cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
         d = desirable.float()
-        return per_row.mean(), {"rewards/chosen": ((rewards * d).sum() / d.sum().clamp(min=1)).item(),
-                                "rewards/rejected": ((rewards * (1 - d)).sum() / (1 - d).sum().clamp(min=1)).item(),
-                                "kl": kl, "logps/policy": pol[0][:n].mean().item()}
+        metrics = {"rewards/chosen": (rewards * d).sum() / d.sum().clamp(min=1),
+                   "rewards/rejected": (rewards * (1 - d)).sum() / (1 - d).sum().clamp(min=1),
+                   "kl": torch.tensor(kl), "logps/policy": pol.sum[:n].mean()}
+        return per_row.sum() / totals["pairs"], {k: v.item() * share for k, v in metrics.items()}
+    averaged = cfg.loss in AVERAGED  # IPO, sigmoid_norm, SimPO and ORPO use length-averaged log-probs
+    c, r = (pol.mean if averaged else pol.sum)[:n], (pol.mean if averaged else pol.sum)[n:]
     if cfg.loss == "simpo":
         per_pair, cr, rr = losses.simpo_loss(c, r, cfg.beta, cfg.simpo_gamma_beta_ratio)
     elif cfg.loss == "orpo":
         per_pair, cr, rr = losses.orpo_loss(c, r, cfg.beta)[:3]
     else:
-        per_pair, cr, rr = losses.dpo_loss(c, r, ref[use][:n], ref[use][n:], cfg.beta, cfg.loss, cfg.label_smoothing,
+        ref_c, ref_r = (ref.mean if averaged else ref.sum)[:n], (ref.mean if averaged else ref.sum)[n:]
+        per_pair, cr, rr = losses.dpo_loss(c, r, ref_c, ref_r, cfg.beta, cfg.loss, cfg.label_smoothing,
                                            discopop_tau=cfg.discopop_tau)
-    loss = per_pair.mean()
+    loss = per_pair.sum() / totals["pairs"]
     nll_weight = 1.0 if cfg.loss == "orpo" else cfg.rpo_alpha
-    if nll_weight:  # token-mean NLL of the chosen completions (ORPO's L_SFT; RPO's alpha term)
-        tok_logps, mask = pol[2][:n], pol[3][:n]
-        loss = loss - nll_weight * (tok_logps * mask).sum() / mask.sum().clamp(min=1)
+    if nll_weight:  # NLL of the chosen completions, a token mean over the step (ORPO's L_SFT; RPO's alpha term)
+        loss = loss - nll_weight * (pol.tokens[:n] * pol.mask[:n]).sum() / totals["chosen_tokens"]
     metrics = {"rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(), "rewards/accuracies": (cr > rr).float().mean(),
-               "rewards/margins": (cr - rr).mean(), "logps/chosen": pol[0][:n].mean(), "logps/rejected": pol[0][n:].mean()}
-    return loss, {k: v.item() for k, v in metrics.items()}
+               "rewards/margins": (cr - rr).mean(), "logps/chosen": pol.sum[:n].mean(), "logps/rejected": pol.sum[n:].mean()}
+    return loss, {k: v.item() * share for k, v in metrics.items()}
 
 
 def main(cfg: DPOConfig):
     # ---- setup
     dist = common.setup(cfg)
-    known = losses.DPO_LOSS_TYPES + REFERENCE_FREE + ("kto",)
-    if cfg.loss not in known:
-        raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join(known)}")
+    model_dir = cfg.model or task.stage(task.SFT_MODEL, "SFT model to start from (--model)")
 
     # ---- data
-    model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed, cfg.sft_steps)
-    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
+    tok = common.load_tokenizer(model_dir, cfg)
     policy = common.load_model(model_dir, cfg, dist, adapt=True)
     held_out = []
     if cfg.data:  # tokenized once into the data cache, memory-mapped
@@ -133,12 +136,13 @@ def main(cfg: DPOConfig):
     else:  # built-in task: the SFT model's own answers, judged by the verifier
         tdir = task.ensure_task(task.TASK_DIR)
         held_out = formats.load_prompts(os.path.join(tdir, "test.jsonl"))[:cfg.eval_samples]
-        pairs = common.sample_preference_pairs(policy, tok, formats.load_prompts(os.path.join(tdir, "train.jsonl"))[:cfg.pair_prompts],
-                                               dist, task.is_correct, cfg.samples_per_prompt, cfg.seed, cfg.max_new_tokens)
+        prompts = formats.load_prompts(os.path.join(tdir, "train.jsonl"))[:cfg.pair_prompts]
+        pairs = task.sample_preference_pairs(policy, tok, prompts, dist, cfg.samples_per_prompt, cfg.seed,
+                                             cfg.max_new_tokens)
         eval_pairs, pairs = pairs[:len(pairs) // 20], pairs[len(pairs) // 20:]
         train, evals = encode(pairs, tok, cfg), encode(eval_pairs, tok, cfg)
     if 0 < len(evals) < dist.world:
-        raise ValueError(f"{len(evals)} held-out examples for {dist.world} processes: give each one at least one")
+        raise common.UsageError(f"{len(evals)} held-out examples for {dist.world} processes: give each one at least one")
     common.print0(f"{len(train)} training {'examples' if cfg.loss == 'kto' else 'pairs'}, {len(evals)} held out")
 
     # ---- models
@@ -147,88 +151,70 @@ def main(cfg: DPOConfig):
         ref = policy  # the reference is the policy with its adapters off (lora.adapters_disabled): no second copy
     elif cfg.loss not in REFERENCE_FREE:
         ref = common.load_model(cfg.ref_model or model_dir, cfg, dist, train=False).eval()
-    cache = None
+    ref_cache = None
     if cfg.precompute_ref and ref is not None:
-        cache = {"train": precompute(ref, train, dist, cfg, tok.pad_id), "eval": precompute(ref, evals, dist, cfg, tok.pad_id)}
-        del ref  # the reference is never needed again
-        ref = None
-    opt = common.make_optimizer(policy, cfg, dist)
-    start = common.resume(cfg, dist, {"model": (policy, opt)})
-    log = common.Logger(cfg, dist, start)
+        ref_cache = {"train": precompute(ref, train, dist, cfg, tok.pad_id),
+                     "eval": precompute(ref, evals, dist, cfg, tok.pad_id)}
+        ref = None  # never needed again
+    opt = common.make_optimizer(policy, cfg)
 
-    def step_batch(examples, idx, split):
-        """(loss, metrics) for examples[idx], reference from the live model or the cache."""
+    def batch_loss(examples, idx, split, totals):
+        """objective() for examples[idx], the reference from the live model or the cache."""
         chunk = [examples[j] for j in idx]
-        rows = kto_rows(examples, idx) if cfg.loss == "kto" else chunk
-        batch = collate(rows, tok.pad_id, cfg)
-        pol = sequence_logps(policy, batch, dist, cfg)
-        if cache is not None:
-            ref_lp = tuple(torch.cat([t[idx, 0], t[idx, 1]]).to(dist.device) for t in cache[split])
+        batch = collate(kto_rows(examples, idx) if cfg.loss == "kto" else chunk, tok.pad_id, cfg)
+        pol = forward.sequence_logps(policy, batch, dist, cfg.chunk_size)
+        ref_lp = None
+        if ref_cache is not None:
+            sums, means = (torch.cat([t[idx, 0], t[idx, 1]]).to(dist.device) for t in ref_cache[split])
+            ref_lp = forward.SequenceLogps(sums, means, None, None)
         elif ref is not None:
             with torch.no_grad(), lora.adapters_disabled(ref):
-                ref_lp = sequence_logps(ref, batch, dist, cfg)[:2]
-        else:
-            ref_lp = None
+                ref_lp = forward.sequence_logps(ref, batch, dist, cfg.chunk_size)
         desirable = torch.tensor([e["label"] for e in chunk], device=dist.device) if cfg.loss == "kto" else None
         # evaluation runs a different number of batches per rank: no collectives there
-        return objective(cfg, pol, ref_lp, len(chunk), desirable, dist if split == "train" else None)
+        return objective(cfg, pol, ref_lp, len(chunk), totals, desirable, dist if split == "train" else None)
 
-    def evaluate(step):
+    def evaluate():
         metrics = {}
         if evals:
+            sums = {}
             policy.eval()
-            sums, count = {}, 0
             # unsharded: ranks may run different numbers of batches, so no collectives inside
-            with torch.no_grad(), common.unsharded(policy), common.unsharded(ref) if ref not in (None, policy) else nullcontext():
+            with torch.no_grad(), common.unsharded(policy), \
+                    common.unsharded(ref) if ref not in (None, policy) else nullcontext():
                 mine = list(range(dist.rank, len(evals), dist.world))  # every rank has one example at least
                 for i in range(0, len(mine), cfg.batch_size):
                     idx = mine[i:i + cfg.batch_size]
-                    _, m = step_batch(evals, idx, "eval")
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + v * len(idx)
-                    count += len(idx)
-            n = common.all_sum(count, dist)
-            metrics.update({f"eval/{k}": common.all_sum(sums.get(k, 0.0), dist) / n for k in sorted(m)})
+                    _, m = batch_loss(evals, idx, "eval", {"pairs": len(evals), "chosen_tokens": 1})
+                    sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
             policy.train()
+            metrics.update({f"eval/{k}": v for k, v in sum_over_ranks(sums, dist).items()})
         if held_out:
-            metrics["eval/accuracy"] = common.eval_accuracy(policy, tok, held_out, dist, task.is_correct, cfg.max_new_tokens)
-        log.log(step, metrics)
+            metrics["eval/accuracy"] = forward.eval_accuracy(policy, tok, held_out, dist, task.is_correct,
+                                                             cfg.max_new_tokens)
+        return metrics
 
-    if start == 0:
-        evaluate(0)
-    # ---- loop (from here on, SIGTERM means: checkpoint at the end of this step, then exit)
-    preempt = common.Preemption()
+    # ---- loop
+    loop = Loop(cfg, dist, {"model": (policy, opt)}, evaluate)
     policy.train()
-    tokens = 0
-    for step in range(start, cfg.max_steps):
+    for step in loop:
         idx = batching.batch_indices(len(train), cfg.batch_size * cfg.grad_accum, cfg.seed, step, dist.rank, dist.world)
-        sums = {}
-        for i in range(cfg.grad_accum):
-            mb = idx[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            if dist.world > 1:  # reduce-scatter gradients only after the last micro-batch
-                policy.set_requires_gradient_sync(i == cfg.grad_accum - 1)
-            loss, m = step_batch(train, mb, "train")
-            # every pair weighs the same: mean over micro-batches here, FSDP averages over ranks
-            (loss / cfg.grad_accum).backward()
-            for k, v in {"loss": loss.item(), **m}.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-            tokens += sum(len(train[j]["prompt_ids"]) * 2 + len(train[j].get("chosen_ids", train[j].get("completion_ids")))
-                          + len(train[j].get("rejected_ids", train[j].get("completion_ids"))) for j in mb)
-        metrics = {k: common.all_sum(v, dist) / dist.world for k, v in sums.items()}
-        common.check_finite(metrics["loss"], step)
+        micro = micro_batches(idx, cfg.grad_accum)
+        metrics = accumulate(policy, micro, dist, step, lambda mb: counts(train, mb, cfg),
+                             lambda mb, totals: batch_loss(train, mb, "train", totals))
         metrics["grad_norm"] = common.optimizer_step(policy, opt, step, cfg)
         metrics["lr"] = common.lr_at(step, cfg)
-        if (step + 1) % cfg.log_every == 0 or step == start:
-            log.log(step + 1, metrics, tokens=common.all_sum(tokens, dist))
-            tokens = 0
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            evaluate(step + 1)
-        if common.checkpoint_or_stop(step + 1, cfg, dist, preempt, {"model": (policy, opt)}):
-            return
+        loop.record(metrics, tokens=sum(tokens(train[j]) for j in idx))
 
-    # ---- eval and save
-    evaluate(cfg.max_steps)
-    common.save_final(policy, cfg, dist, model_dir, model_dir)
+    # ---- save
+    if loop.finished:
+        checkpoint.save_final(policy, cfg, dist, model_dir, model_dir)
+
+
+def tokens(example):
+    """Tokens of a training row: the prompt twice (once per answer), then both answers."""
+    chosen = example.get("chosen_ids", example.get("completion_ids"))
+    return len(example["prompt_ids"]) * 2 + len(chosen) + len(example.get("rejected_ids", chosen))
 
 
 def load(path, tok, cfg, dist):
@@ -259,9 +245,9 @@ def precompute(ref, examples, dist, cfg, pad_id):
         for i in range(dist.rank * cfg.batch_size, n, cfg.batch_size * dist.world):
             idx = list(range(i, min(i + cfg.batch_size, n)))
             rows = kto_rows(examples, idx) if cfg.loss == "kto" else [examples[j] for j in idx]
-            s, a, _, _ = sequence_logps(ref, collate(rows, pad_id, cfg), dist, cfg)
-            k = len(idx)
-            sums[idx], means[idx] = torch.stack([s[:k], s[k:]], 1).double().cpu(), torch.stack([a[:k], a[k:]], 1).double().cpu()
+            lp, k = forward.sequence_logps(ref, collate(rows, pad_id, cfg), dist, cfg.chunk_size), len(idx)
+            sums[idx] = torch.stack([lp.sum[:k], lp.sum[k:]], 1).double().cpu()
+            means[idx] = torch.stack([lp.mean[:k], lp.mean[k:]], 1).double().cpu()
     if dist.world > 1:
         torch.distributed.all_reduce(sums)
         torch.distributed.all_reduce(means)
@@ -269,4 +255,4 @@ def precompute(ref, examples, dist, cfg, pad_id):
 
 
 if __name__ == "__main__":
-    main(common.parse_config(DPOConfig))
+    common.run(main, DPOConfig)

@@ -41,21 +41,23 @@ from dataclasses import dataclass
 
 import torch
 
+import checkpoint
 import common
+import forward
 import lora
 import losses
-import model as M
-from data import batching, chat, formats, task
+from data import batching, formats, task
+from loop import Loop, accumulate, micro_batches, sum_over_ranks
 
 
 @dataclass
 class PPOConfig(common.TrainConfig):
     """Online RL: --algo ppo | grpo | rloo | reinforce_pp | online_dpo; --loss ppo | cispo | sapo;
     --importance-level token | sequence (GSPO); --kl-estimator k1 | k2 | k3; --kl-in-reward."""
-    algo: str = "grpo"           # ppo | grpo | rloo | reinforce_pp | online_dpo (advantages / objective)
-    loss: str = "ppo"            # policy surrogate: ppo (clipped) | cispo | sapo
-    importance_level: str = "token"  # token | sequence (GSPO: one ratio per sequence; --loss ppo only)
-    model: str = ""              # policy init (HF dir); default: the built-in task's SFT model
+    algo: str = "grpo"           # advantages / objective
+    loss: str = "ppo"            # policy surrogate: ppo (clipped), cispo or sapo
+    importance_level: str = "token"  # sequence = GSPO: one ratio per sequence (--loss ppo only)
+    model: str = ""              # policy init (HF dir); default: the built-in task's SFT model (runs/sft)
     ref_model: str = ""          # KL reference; default: --model (with --lora-r: the policy with adapters off)
     out: str = "runs/ppo"
     reward_fn: str = ""          # module:function(prompts, completions, **fields) -> floats; default: the task verifier
@@ -70,16 +72,16 @@ class PPOConfig(common.TrainConfig):
     value_lr: float = 1e-3       # PPO critic's learning rate (constant)
     warmup_steps: int = 0
     beta: float = 0.02           # KL coefficient (online DPO: DPO's beta); 0 = no reference
-    kl_estimator: str = ""       # k1 | k2 | k3; empty = k1 in the reward, k3 in the loss
+    kl_estimator: str = ""       # empty = k1 in the reward, k3 in the loss
     kl_in_reward: bool = None    # KL penalty in the reward, else in the loss; unset = PPO, REINFORCE++ in the reward
     cispo_max_ratio: float = 5.0  # --loss cispo: cap of the stop-gradient importance weight
     sapo_tau_pos: float = 1.0    # --loss sapo: gate temperature for positive advantages
     sapo_tau_neg: float = 1.05   # --loss sapo: ... and for negative ones
-    dpo_loss: str = "sigmoid"    # --algo online_dpo: a losses.DPO_LOSS_TYPES entry
+    dpo_loss: str = "sigmoid"    # --algo online_dpo: a losses.dpo_loss type
     rpo_alpha: float = 1.0       # --algo online_dpo: + rpo_alpha * NLL(chosen) (RPO, as train_dpo.py); 0 = TRL's
     clip_eps: float = 0.2        # PPO ratio clipping
     clip_eps_high: float = 0.0   # DAPO clip-higher; 0 = same as clip_eps
-    loss_agg: str = "dapo"       # grpo | dr_grpo | dapo
+    loss_agg: str = "dapo"       # how per-token losses are averaged (losses.policy_gradient_loss)
     scale_rewards: bool = True   # GRPO std normalisation (False = Dr. GRPO)
     vf_coef: float = 0.5         # weight of the value loss
     vf_clip: float = 0.2         # value clipping around the rollout's values
@@ -101,6 +103,30 @@ class PPOConfig(common.TrainConfig):
               "ppo_epochs": "[1, inf)", "minibatches": "[1, inf)", "value_lr": "(0, inf)", "clip_eps": "(0, inf)",
               "gamma": "[0, 1]", "lam": "[0, 1]", "top_p": "(0, 1]", "max_new_tokens": "[1, inf)",
               "max_prompt_length": "[1, inf)"}
+    CHOICES = {**common.TrainConfig.CHOICES, "algo": ("grpo", "rloo", "reinforce_pp", "ppo", "online_dpo"),
+               "loss": ("ppo", "cispo", "sapo"), "importance_level": ("token", "sequence"),
+               "kl_estimator": ("", "k1", "k2", "k3"), "loss_agg": ("dapo", "grpo", "dr_grpo"),
+               "dpo_loss": losses.DPO_LOSS_TYPES}
+    NOT_USED = {"batch_size": "a rollout is --prompts-per-step x --group-size sequences per process",
+                "max_length": "prompts are cut at --max-prompt-length, completions at --max-new-tokens"}
+
+
+def check_flags(cfg: PPOConfig):
+    """The flag combinations the parser cannot check one by one."""
+    if cfg.importance_level == "sequence" and cfg.loss != "ppo":
+        raise common.UsageError("--importance-level sequence (GSPO) clips sequence ratios: it needs --loss ppo")
+    if cfg.algo != "ppo" and cfg.group_size < 2:
+        raise common.UsageError(f"--algo {cfg.algo} needs --group-size >= 2 (advantages are relative to the group)")
+    rows = cfg.prompts_per_step * cfg.group_size
+    if rows % (cfg.minibatches * cfg.grad_accum):
+        raise common.UsageError(f"--prompts-per-step x --group-size = {rows} rows must divide into --minibatches "
+                                f"{cfg.minibatches} x --grad-accum {cfg.grad_accum} micro-batches")
+    if cfg.algo == "online_dpo":
+        if cfg.group_size % 2 or (rows // (cfg.minibatches * cfg.grad_accum)) % 2:
+            raise common.UsageError("--algo online_dpo pairs consecutive completions: --group-size and the micro-batch "
+                                    "(prompts x group / minibatches / grad-accum) must be even")
+        if not cfg.beta:
+            raise common.UsageError("--algo online_dpo needs a reference: --beta > 0 (DPO's beta)")
 
 
 def load_reward_fn(spec):
@@ -108,37 +134,106 @@ def load_reward_fn(spec):
     without a default (data.task:reward_fn requires "answer"), checked on every record at load time."""
     module, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"--reward-fn {spec!r}: expected module:function, e.g. data.task:reward_fn")
-    fn = getattr(importlib.import_module(module), name)
+        raise common.UsageError(f"--reward-fn {spec!r}: expected module:function, e.g. data.task:reward_fn")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise common.UsageError(f"--reward-fn {spec}: cannot be loaded ({e}); it names a function "
+                                "fn(prompts, completions, **fields) in an importable module") from None
     params = list(inspect.signature(fn).parameters.values())[2:]
     return fn, [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-def completion_logps(model, seqs, attn, P, dist, cfg, entropy=False):
-    """Log-probs [N, L] of the completion tokens seqs[:, P:] under `model` (and, optionally, the
-    per-token entropy [N, L]), computed in chunks over positions. Position P - 1 + i predicts
-    completion token i: the one shift of this script, done here. The distribution is the one the
-    rollout sampled from, softmax(logits / temperature) (hidden / T through the linear head is
-    logits / T); top-k/top-p truncation is not modelled, as in TRL."""
-    labels = torch.roll(seqs, -1, dims=1)
-    temperature = cfg.temperature or 1.0  # greedy rollouts: the untempered distribution
-
-    def head(h, w):
-        h = h[:, P - 1:-1] / temperature
-        lp = losses.logprobs_from_hidden(h, w, labels[:, P - 1:-1], cfg.chunk_size)
-        return (lp, losses.entropy_from_hidden(h, w, cfg.chunk_size)) if entropy else lp
-
-    with common.autocast(dist):
-        return model(seqs, attn, head_fn=head)
+@dataclass
+class Rollout:
+    """One step's experience: what was sampled and everything the update reads (no gradient)."""
+    samples: forward.Samples
+    scores: torch.Tensor      # [N] the reward of each completion (after --missing-eos-penalty)
+    raw_scores: torch.Tensor  # [N] as the reward function / model gave it
+    old_logps: torch.Tensor   # [N, L] of the policy that sampled
+    ref_logps: torch.Tensor   # [N, L] of the reference (old_logps without one)
+    entropy: torch.Tensor     # [N, L] of the sampling policy, for the log
+    advantages: torch.Tensor  # [N, L]; online DPO: +1 / -1 / 0 on the chosen / rejected / tied rows
+    old_values: torch.Tensor = None  # [N, L] PPO's critic at rollout time
+    returns: torch.Tensor = None     # [N, L] PPO's value targets
 
 
-def online_dpo_objective(logps, ref_logps, pref, mask, dist, cfg):
-    """Online DPO's loss on a minibatch of pairs: rows (2i, 2i + 1) are two completions of one
+# ----------------------------------------------------------------------------- the stages of a step
+
+def sample(policy, tok, picked, cfg: PPOConfig, dist, step) -> forward.Samples:
+    """Rollout: --group-size completions for each of this rank's prompts. The samples are a
+    function of (seed, step, rank): different on each rank, the same on resume."""
+    g = torch.Generator(dist.device).manual_seed((cfg.seed * 100_003 + step) * 1009 + dist.rank)
+    prompts = [p["prompt_ids"] for p in picked for _ in range(cfg.group_size)]
+    with common.unsharded(policy):
+        return forward.generate(policy, tok, prompts, dist, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                cfg.top_p, generator=g)
+
+
+@torch.no_grad()
+def score(samples, picked, cfg: PPOConfig, dist, reward_fn, rm):
+    """Score: the reward model's score at each completion's last token, or the reward function's
+    of the decoded texts (with the record's fields). Returns (scores, raw scores) [N]."""
+    if rm is not None:
+        raw = forward.reward_model_scores(rm, samples, dist)
+    else:
+        recs = [p["record"] for p in picked for _ in range(cfg.group_size)]
+        keys = dict.fromkeys(k for r in recs for k in r if k != "prompt")  # every record's extra fields
+        fields = {k: [r.get(k) for r in recs] for k in keys}
+        raw = torch.tensor(reward_fn([r["prompt"] for r in recs], samples.texts, **fields),
+                           dtype=torch.float32, device=dist.device)
+    return raw - cfg.missing_eos_penalty * (~samples.ended).float(), raw
+
+
+def whiten_over_ranks(x, mask, dist):
+    """Zero mean, unit variance over every rank's masked positions: one normalisation of the
+    global batch, however it is split over processes."""
+    n = common.all_sum(mask.sum(), dist)
+    mean = common.all_sum((x * mask).sum(), dist) / n
+    var = common.all_sum(((x - mean) ** 2 * mask).sum(), dist) / max(n - 1, 1)
+    return losses.masked_whiten(x, mask, mean=mean, var=var)
+
+
+@torch.no_grad()
+def advantages(samples, scores, raw_scores, policy, ref, critic, cfg: PPOConfig, dist, kl_in_reward, kl_estimator):
+    """Advantages: the old and reference log-probs (and PPO's values), the KL penalty where it
+    goes into the reward, then the algorithm's advantage of every completion token."""
+    mask = samples.mask
+    old_logps, entropy = forward.completion_logps(policy, samples, dist, cfg.chunk_size, cfg.temperature, entropy=True)
+    with lora.adapters_disabled(ref) if ref is not None else nullcontext():
+        ref_logps = forward.completion_logps(ref, samples, dist, cfg.chunk_size, cfg.temperature) \
+            if ref is not None else old_logps
+    penalty = cfg.beta * losses.kl_penalty(old_logps, ref_logps, kl_estimator) * mask if kl_in_reward \
+        else torch.zeros_like(mask)  # per token
+    rollout = Rollout(samples, scores, raw_scores, old_logps, ref_logps, entropy, None)
+    last = (torch.arange(len(mask), device=dist.device), mask.sum(-1).long() - 1)
+    if cfg.algo == "ppo":  # GAE on (score at the last token - the KL per token), whitened
+        rollout.old_values = forward.completion_values(critic, samples, dist)
+        rewards = -penalty
+        rewards[last] += scores
+        adv, rollout.returns = losses.gae(rewards, rollout.old_values, mask, cfg.gamma, cfg.lam)
+        rollout.advantages = whiten_over_ranks(adv, mask, dist) if cfg.whiten else adv
+    elif cfg.algo == "reinforce_pp":  # returns-to-go of (score - its group's mean, - KL per token), whitened
+        rewards = -penalty
+        rewards[last] += losses.group_advantages(scores, cfg.group_size, scale=False)
+        rollout.advantages = whiten_over_ranks(losses.discounted_returns(rewards, mask, cfg.gamma), mask, dist)
+    elif cfg.algo == "online_dpo":  # pairs (0, 1), (2, 3), ... of a prompt's completions; ties: no preference
+        diff = scores.view(-1, 2)[:, 0] - scores.view(-1, 2)[:, 1]
+        rollout.advantages = torch.stack([diff.sign(), -diff.sign()], 1).view(-1, 1) * mask
+    else:  # GRPO / RLOO: one advantage per sequence, from its group
+        sequence_scores = scores - penalty.sum(-1)  # the whole sequence's KL, when in the reward
+        adv = losses.group_advantages(sequence_scores, cfg.group_size, cfg.scale_rewards) \
+            if cfg.algo == "grpo" else losses.rloo_advantages(sequence_scores, cfg.group_size)
+        rollout.advantages = adv[:, None] * mask
+    return rollout
+
+
+def online_dpo_objective(logps, ref_logps, pref, mask, totals, cfg: PPOConfig):
+    """Online DPO's loss on a micro-batch of pairs: rows (2i, 2i + 1) are two completions of one
     prompt and pref [N] is +1 on the chosen row, -1 on the rejected one, 0 on both rows of a tie.
-    Each pair weighs the same wherever it is: the sum over pairs is divided by the pairs of all
-    ranks per rank (FSDP averages gradients over ranks). Returns (loss, detached stats)."""
-    seq = (logps * mask).sum(-1)
-    ref_seq = (ref_logps * mask).sum(-1)
+    Sums over pairs (and RPO's over chosen tokens) are divided by the step's totals["pairs"]
+    (["chosen_tokens"]): every pair weighs the same wherever it is. Returns (loss, detached stats)."""
+    seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)
     if cfg.dpo_loss in ("ipo", "sigmoid_norm"):  # defined on average per-token log-probs
         n = mask.sum(-1).clamp(min=1)
         seq, ref_seq = seq / n, ref_seq / n
@@ -148,57 +243,113 @@ def online_dpo_objective(logps, ref_logps, pref, mask, dist, cfg):
     chosen = [x.view(-1, 2).gather(1, col).squeeze(1)[keep] for x in (seq, ref_seq)]
     rejected = [x.view(-1, 2).gather(1, 1 - col).squeeze(1)[keep] for x in (seq, ref_seq)]
     per_pair, cr, rr = losses.dpo_loss(chosen[0], rejected[0], chosen[1], rejected[1], cfg.beta, cfg.dpo_loss)
-    n_pairs = common.all_sum(keep.sum().item(), dist) / dist.world
-    loss = per_pair.sum() / max(n_pairs, 1e-8)
-    if cfg.rpo_alpha:  # RPO's NLL of the chosen completions, a token mean over all ranks (see train_dpo.py)
-        chosen_rows = pref > 0
-        n_tok = common.all_sum(mask[chosen_rows].sum().item(), dist) / dist.world
-        loss = loss - cfg.rpo_alpha * (logps * mask)[chosen_rows].sum() / max(n_tok, 1e-8)
-    k = max(len(per_pair), 1)
-    return loss, {"pairs": float(len(per_pair)), "rewards/margins": (cr - rr).sum().item() / k,
-                  "rewards/accuracies": (cr > rr).float().sum().item() / k}
+    loss = per_pair.sum() / totals["pairs"]
+    if cfg.rpo_alpha:  # RPO's NLL of the chosen completions, a token mean over the step (see train_dpo.py)
+        loss = loss - cfg.rpo_alpha * (logps * mask)[pref > 0].sum() / totals["chosen_tokens"]
+    return loss, {"pairs": float(len(per_pair)), "rewards/margins": (cr - rr).sum().item() / totals["pairs"],
+                  "rewards/accuracies": (cr > rr).float().sum().item() / totals["pairs"]}
 
 
-def completion_values(critic, seqs, attn, P, dist):
-    """Values [N, L]: the critic's estimate at the state before each completion token."""
-    with common.autocast(dist):
-        return critic(seqs, attn)[:, P - 1:-1].float()
+def update(rollout: Rollout, policy, opt, ref, critic, vopt, cfg: PPOConfig, dist, step, kl_in_reward, kl_estimator):
+    """Update: --ppo-epochs passes over the rollout in --minibatches optimizer steps (each of
+    --grad-accum micro-batches, loop.accumulate), the policy's surrogate (+ beta * KL when it is
+    not in the reward), and PPO's critic on the same rows. Returns the stats, means over the steps."""
+    s, mask, n = rollout.samples, rollout.samples.mask, len(rollout.samples.mask)
+    pref = rollout.advantages[:, 0]
+    agg = dict(agg=cfg.loss_agg, max_len=cfg.max_new_tokens)
+
+    def count(rows):
+        pairs = (pref[rows].view(-1, 2)[:, 0] != 0).sum().item() if cfg.algo == "online_dpo" else 0
+        return {"tokens": mask[rows].sum().item(), "sequences": len(rows), "pairs": pairs,
+                "chosen_tokens": mask[rows][pref[rows] > 0].sum().item()}
+
+    def policy_loss(rows, totals):
+        logps = forward.completion_logps(policy, s, dist, cfg.chunk_size, cfg.temperature, rows=rows)
+        m, old, adv = mask[rows], rollout.old_logps[rows], rollout.advantages[rows]
+        norm = dict(agg, num_tokens=totals["tokens"], num_sequences=totals["sequences"])
+        if cfg.algo == "online_dpo":
+            pg_loss, st = online_dpo_objective(logps, rollout.ref_logps[rows], pref[rows], m, totals, cfg)
+            return pg_loss, {"policy_loss": pg_loss.item(), **st}
+        if cfg.loss == "cispo":
+            pg_loss, st = losses.cispo_loss(logps, old, adv, m, cfg.cispo_max_ratio, **norm)
+        elif cfg.loss == "sapo":
+            pg_loss, st = losses.sapo_loss(logps, old, adv, m, cfg.sapo_tau_pos, cfg.sapo_tau_neg, **norm)
+        else:
+            pg_loss, st = losses.ppo_policy_loss(logps, old, adv, m, cfg.clip_eps, cfg.clip_eps_high or None,
+                                                 level=cfg.importance_level, **norm)
+        loss = pg_loss
+        if not kl_in_reward and ref is not None:  # GRPO's KL term, aggregated like the policy loss
+            kl = losses.kl_penalty(logps, rollout.ref_logps[rows], kl_estimator)
+            loss = loss + cfg.beta * losses.policy_gradient_loss(kl, m, **norm)
+        share = len(rows) / totals["sequences"]  # the micro-batch means below, as parts of the step's
+        return loss, {"policy_loss": pg_loss.item(), **{k: float(v) * share for k, v in st.items()}}
+
+    def value_loss(rows, totals):
+        values = forward.completion_values(critic, s, dist, rows=rows)
+        vf_loss, vst = losses.ppo_value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask[rows],
+                                             cfg.vf_clip, num_tokens=totals["tokens"])
+        return cfg.vf_coef * vf_loss, {"vf_clipfrac": vst["vf_clipfrac"].item() * len(rows) / totals["sequences"]}
+
+    stats = {}
+    for epoch in range(cfg.ppo_epochs):
+        g = torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch)
+        if cfg.algo == "online_dpo":  # shuffle pairs, keeping each pair's two rows together
+            order = (torch.randperm(n // 2, generator=g)[:, None] * 2 + torch.arange(2)).view(-1)
+        else:
+            order = torch.randperm(n, generator=g)
+        for mb in micro_batches(order.to(dist.device), cfg.minibatches):
+            micro = micro_batches(mb, cfg.grad_accum)
+            st = accumulate(policy, micro, dist, step, count, policy_loss, "policy loss")
+            st["grad_norm"] = common.optimizer_step(policy, opt, step, cfg)
+            if critic is not None:
+                vst = accumulate(critic, micro, dist, step, count, value_loss, "value loss")
+                st.update(value_loss=vst["loss"], vf_clipfrac=vst["vf_clipfrac"],
+                          value_grad_norm=common.optimizer_step(critic, vopt, step, cfg, cfg.value_lr, "value grad_norm"))
+            st.pop("loss")
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + v / (cfg.ppo_epochs * cfg.minibatches)
+    return stats
+
+
+def rollout_metrics(r: Rollout, cfg: PPOConfig, dist, t_gen, t_all):
+    """Means over all ranks' rollouts, and throughput."""
+    mask = r.samples.mask
+    kl = losses.kl_penalty(r.old_logps, r.ref_logps, "k1")  # per token, for the log
+    metrics = {"reward": r.raw_scores.mean().item(), "reward_std": r.raw_scores.std().item(),
+               "kl": losses.masked_mean(kl, mask).item(), "entropy": losses.masked_mean(r.entropy, mask).item(),
+               "response_length": mask.sum(-1).mean().item(), "truncated": (~r.samples.ended).float().mean().item()}
+    if cfg.algo == "ppo":
+        err = r.returns - r.old_values
+        var_r = losses.masked_mean((r.returns - losses.masked_mean(r.returns, mask)) ** 2, mask)
+        var_e = losses.masked_mean((err - losses.masked_mean(err, mask)) ** 2, mask)
+        metrics["explained_variance"] = (1 - var_e / var_r.clamp(min=1e-8)).item()
+    metrics = {k: v / dist.world for k, v in sum_over_ranks(metrics, dist).items()}
+    metrics["gen_tokens_per_s"] = common.all_sum(mask.sum(), dist) / max(t_gen, 1e-9)
+    metrics["train_tokens_per_s"] = common.all_sum(r.samples.attn.sum() * cfg.ppo_epochs, dist) / max(t_all - t_gen, 1e-9)
+    return metrics
+
+
+def record(r: Rollout, path):
+    """--record-rollout: the first rollout's tensors, for tests and debugging."""
+    torch.save({"scores": r.scores, "old_logps": r.old_logps, "ref_logps": r.ref_logps, "mask": r.samples.mask,
+                "advantages": r.advantages, "seqs": r.samples.seqs, "prompt_len": r.samples.prompt_len,
+                **({"values": r.old_values, "returns": r.returns} if r.old_values is not None else {})}, path)
 
 
 def main(cfg: PPOConfig):
     # ---- setup
     dist = common.setup(cfg)
-    if cfg.algo not in ("ppo", "grpo", "rloo", "reinforce_pp", "online_dpo"):
-        raise ValueError(f"--algo {cfg.algo!r}: expected ppo, grpo, rloo, reinforce_pp or online_dpo")
-    if cfg.loss not in ("ppo", "cispo", "sapo"):
-        raise ValueError(f"--loss {cfg.loss!r}: expected ppo, cispo or sapo")
-    if cfg.importance_level not in ("token", "sequence") or (cfg.importance_level == "sequence" and cfg.loss != "ppo"):
-        raise ValueError(f"--importance-level {cfg.importance_level!r}: expected token, or sequence with --loss ppo")
-    if cfg.kl_estimator not in ("", "k1", "k2", "k3"):
-        raise ValueError(f"--kl-estimator {cfg.kl_estimator!r}: expected k1, k2 or k3")
-    if cfg.algo != "ppo" and cfg.group_size < 2:
-        raise ValueError(f"--algo {cfg.algo} needs --group-size >= 2 (advantages are relative to the group)")
-    n_rollout = cfg.prompts_per_step * cfg.group_size
-    if n_rollout % cfg.minibatches:
-        raise ValueError(f"prompts_per_step * group_size = {n_rollout} must divide into {cfg.minibatches} minibatches")
-    if cfg.algo == "online_dpo":
-        if cfg.group_size % 2 or (n_rollout // cfg.minibatches) % 2:
-            raise ValueError("--algo online_dpo pairs consecutive completions: --group-size and the minibatch size "
-                             f"(prompts_per_step * group_size / minibatches = {n_rollout / cfg.minibatches:g}) must be even")
-        if cfg.dpo_loss not in losses.DPO_LOSS_TYPES:
-            raise ValueError(f"--dpo-loss {cfg.dpo_loss!r}: expected one of {', '.join(losses.DPO_LOSS_TYPES)}")
-        if not cfg.beta:
-            raise ValueError("--algo online_dpo needs a reference: --beta > 0 (DPO's beta)")
+    check_flags(cfg)
     # where the KL penalty goes, and how it is estimated (defaults: today's PPO / GRPO recipes)
     kl_in_reward = cfg.algo in ("ppo", "reinforce_pp") if cfg.kl_in_reward is None else cfg.kl_in_reward
     kl_estimator = cfg.kl_estimator or ("k1" if kl_in_reward else "k3")
+    model_dir = cfg.model or task.stage(task.SFT_MODEL, "SFT model to start from (--model)")
 
     # ---- data
-    model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed)
-    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
+    tok = common.load_tokenizer(model_dir, cfg)
     for t in filter(None, cfg.stop_tokens.split(",")):
         if tok.tokenizer.token_to_id(t) is None:
-            raise ValueError(f"--stop-tokens: {t!r} is not a single token of {model_dir}'s tokenizer")
+            raise common.UsageError(f"--stop-tokens: {t!r} is not a single token of {model_dir}'s tokenizer")
         tok.stop_ids.append(tok.tokenizer.token_to_id(t))
     reward_fn, needs = load_reward_fn(cfg.reward_fn or "data.task:reward_fn") if not cfg.reward_model else (None, [])
     if cfg.data:
@@ -209,7 +360,7 @@ def main(cfg: PPOConfig):
         held_out = formats.load_prompts(os.path.join(tdir, "test.jsonl"))[:cfg.eval_samples]
     # {"prompt_ids", "record"}: tokenized once into the data cache, memory-mapped
     prompts = common.load_data(prompt_file, "prompts", tok, cfg, dist, max_prompt_length=cfg.max_prompt_length,
-                              required=needs)
+                               required=needs)
 
     # ---- models
     policy = common.load_model(model_dir, cfg, dist, adapt=True)
@@ -218,187 +369,39 @@ def main(cfg: PPOConfig):
         ref = policy  # the policy with its adapters off (lora.adapters_disabled): no second copy
     elif cfg.beta:
         ref = common.load_model(cfg.ref_model or model_dir, cfg, dist, train=False).eval()
-    rm = common.load_model(cfg.reward_model, cfg, dist, head="score", train=False).eval() \
-        if cfg.reward_model else None
-    critic = None
+    rm = common.load_model(cfg.reward_model, cfg, dist, head="score", train=False).eval() if cfg.reward_model else None
+    critic = vopt = None
     if cfg.algo == "ppo":
         # with LoRA: its own frozen copy of the base, its own adapters and a trained score head
         critic = common.load_model(cfg.value_model or cfg.reward_model or model_dir, cfg, dist, head="score",
                                    adapt=True, modules_to_save=("score",), seed=cfg.seed)
-    opt = common.make_optimizer(policy, cfg, dist)
-    vopt = common.make_optimizer(critic, cfg, dist) if critic is not None else None
-    if vopt is not None:
-        for g in vopt.param_groups:
-            g["lr"] = cfg.value_lr
-    parts = {"policy": (policy, opt), **({"critic": (critic, vopt)} if critic is not None else {})}
-    start = common.resume(cfg, dist, parts)
-    log = common.Logger(cfg, dist, start)
+        vopt = common.make_optimizer(critic, cfg, lr=cfg.value_lr)
+    opt = common.make_optimizer(policy, cfg)
 
-    def evaluate(step):
-        if held_out:
-            acc = common.eval_accuracy(policy, tok, held_out, dist, task.is_correct, cfg.max_new_tokens)
-            log.log(step, {"eval/accuracy": acc})
+    def evaluate():
+        if not held_out:
+            return {}
+        return {"eval/accuracy": forward.eval_accuracy(policy, tok, held_out, dist, task.is_correct, cfg.max_new_tokens)}
 
-    if start == 0:
-        evaluate(0)
-    # ---- loop (from here on, SIGTERM means: checkpoint at the end of this step, then exit)
-    preempt = common.Preemption()
-    for step in range(start, cfg.max_steps):
-        # ---- rollout: sample group_size completions for each of this rank's prompts
+    # ---- loop: rollout -> score -> advantages -> update
+    loop = Loop(cfg, dist, {"policy": (policy, opt), **({"critic": (critic, vopt)} if critic else {})}, evaluate)
+    for step in loop:
         t0 = time.time()
-        idx = batching.batch_indices(len(prompts), cfg.prompts_per_step, cfg.seed, step, dist.rank, dist.world)
-        picked = [prompts[i] for i in idx]
-        rows = [p["prompt_ids"] for p in picked for _ in range(cfg.group_size)]
-        ids, pmask = batching.collate_prompts(rows, tok.pad_id)
-        ids, pmask = ids.to(dist.device), pmask.to(dist.device)
-        # the samples are a function of (seed, step, rank): different on each rank, the same on resume
-        g = torch.Generator(dist.device).manual_seed((cfg.seed * 100_003 + step) * 1009 + dist.rank)
-        policy.eval()
-        with torch.no_grad(), common.unsharded(policy), common.autocast(dist):
-            seqs, cmask = M.generate(policy, ids, pmask, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                                     cfg.top_p, eos_ids=tok.stop_ids, pad_id=tok.pad_id, generator=g)
-        policy.train()
+        picked = [prompts[i] for i in batching.batch_indices(len(prompts), cfg.prompts_per_step, cfg.seed, step,
+                                                              dist.rank, dist.world)]
+        samples = sample(policy, tok, picked, cfg, dist, step)
         t_gen = time.time() - t0
-        P = ids.shape[1]
-        attn = torch.cat([pmask, cmask], 1)
-        cmaskf = cmask.float()
-        texts = [tok.tokenizer.decode([t for t, k in zip(r, m) if k], skip_special_tokens=True)
-                 for r, m in zip(seqs[:, P:].tolist(), cmask.tolist())]
-        ended = torch.tensor([any(t in tok.stop_ids for t, k in zip(r, m) if k)
-                              for r, m in zip(seqs[:, P:].tolist(), cmask.tolist())], device=dist.device)
+        scores, raw_scores = score(samples, picked, cfg, dist, reward_fn, rm)
+        rollout = advantages(samples, scores, raw_scores, policy, ref, critic, cfg, dist, kl_in_reward, kl_estimator)
+        if cfg.record_rollout and step == loop.start and dist.main:
+            record(rollout, cfg.record_rollout)
+        stats = update(rollout, policy, opt, ref, critic, vopt, cfg, dist, step, kl_in_reward, kl_estimator)
+        loop.record({**rollout_metrics(rollout, cfg, dist, t_gen, time.time() - t0), **stats})
 
-        # ---- score, old log-probs, reference, values (no grad)
-        with torch.no_grad():
-            if rm is not None:
-                last = P + cmask.sum(-1) - 1  # the last completion token (prompts are left-padded)
-                with common.autocast(dist):
-                    scores = rm(seqs, attn)[torch.arange(len(rows), device=dist.device), last].float()
-            else:
-                recs = [p["record"] for p in picked for _ in range(cfg.group_size)]
-                keys = dict.fromkeys(k for r in recs for k in r if k != "prompt")  # every record's extra fields
-                fields = {k: [r.get(k) for r in recs] for k in keys}
-                scores = torch.tensor(reward_fn([r["prompt"] for r in recs], texts, **fields),
-                                      dtype=torch.float32, device=dist.device)
-            raw_scores = scores.clone()
-            if cfg.missing_eos_penalty:
-                scores = scores - cfg.missing_eos_penalty * (~ended).float()
-            old_logps, entropy = completion_logps(policy, seqs, attn, P, dist, cfg, entropy=True)
-            with lora.adapters_disabled(ref) if ref is not None else nullcontext():
-                ref_logps = completion_logps(ref, seqs, attn, P, dist, cfg) if ref is not None else old_logps
-            kl = losses.kl_penalty(old_logps, ref_logps, "k1")  # per token, for the log
-            # per-token KL penalty for the reward (zero when the KL goes into the loss instead)
-            penalty = cfg.beta * losses.kl_penalty(old_logps, ref_logps, kl_estimator) * cmaskf if kl_in_reward \
-                else torch.zeros_like(cmaskf)
-            last = cmask.sum(-1) - 1
-            if cfg.algo == "ppo":
-                old_values = completion_values(critic, seqs, attn, P, dist)
-                rewards = -penalty
-                rewards[torch.arange(len(rows), device=dist.device), last] += scores
-                advantages, returns = losses.gae(rewards, old_values, cmaskf, cfg.gamma, cfg.lam)
-                if cfg.whiten:
-                    advantages = losses.masked_whiten(advantages, cmaskf)
-            elif cfg.algo == "reinforce_pp":
-                # REINFORCE++ with the group-mean baseline: score - mean of its group on the last
-                # token, the KL per token, returns-to-go, then one normalisation over all ranks' tokens
-                rewards = -penalty
-                rewards[torch.arange(len(rows), device=dist.device), last] += \
-                    losses.group_advantages(scores, cfg.group_size, scale=False)
-                returns_to_go = losses.discounted_returns(rewards, cmaskf, cfg.gamma)
-                n = common.all_sum(cmaskf.sum(), dist)
-                mean = common.all_sum((returns_to_go * cmaskf).sum(), dist) / n
-                var = common.all_sum(((returns_to_go - mean) ** 2 * cmaskf).sum(), dist) / max(n - 1, 1)
-                advantages = losses.masked_whiten(returns_to_go, cmaskf, mean=mean, var=var)
-            elif cfg.algo == "online_dpo":
-                # pairs (0, 1), (2, 3), ... of each prompt's completions; +1 marks the chosen
-                # completion, -1 the rejected one, 0 both of a tie (no preference, no loss)
-                diff = scores.view(-1, 2)[:, 0] - scores.view(-1, 2)[:, 1]
-                advantages = torch.stack([diff.sign(), -diff.sign()], 1).view(-1, 1) * cmaskf
-            else:
-                sequence_scores = scores - penalty.sum(-1)  # the whole sequence's KL, when in the reward
-                adv = losses.group_advantages(sequence_scores, cfg.group_size, cfg.scale_rewards) \
-                    if cfg.algo == "grpo" else losses.rloo_advantages(sequence_scores, cfg.group_size)
-                advantages = adv[:, None] * cmaskf
-
-        if cfg.record_rollout and step == start and dist.main:
-            torch.save({"scores": scores, "old_logps": old_logps, "ref_logps": ref_logps, "mask": cmaskf,
-                        "advantages": advantages, "seqs": seqs, "prompt_len": P,
-                        **({"values": old_values, "returns": returns} if cfg.algo == "ppo" else {})}, cfg.record_rollout)
-
-        # ---- policy (and value) updates over minibatches of the rollout
-        stats = {}
-        mb_size = len(rows) // cfg.minibatches
-        for epoch in range(cfg.ppo_epochs):
-            g_order = torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch)
-            if cfg.algo == "online_dpo":  # shuffle pairs, keeping each pair's two rows together
-                order = (torch.randperm(len(rows) // 2, generator=g_order)[:, None] * 2 + torch.arange(2)).view(-1)
-            else:
-                order = torch.randperm(len(rows), generator=g_order)
-            for k in range(cfg.minibatches):
-                mb = order[k * mb_size:(k + 1) * mb_size].to(dist.device)
-                s, a, m = seqs[mb], attn[mb], cmaskf[mb]
-                logps = completion_logps(policy, s, a, P, dist, cfg)
-                # "dapo": the token mean over the minibatch on all ranks (FSDP then averages over ranks)
-                n_tok = common.all_sum(m.sum().item(), dist) / dist.world
-                agg = dict(agg=cfg.loss_agg, max_len=cfg.max_new_tokens, num_tokens=n_tok)
-                if cfg.algo == "online_dpo":
-                    pg_loss, st = online_dpo_objective(logps, ref_logps[mb], advantages[mb, 0], m, dist, cfg)
-                elif cfg.loss == "cispo":
-                    pg_loss, st = losses.cispo_loss(logps, old_logps[mb], advantages[mb], m, cfg.cispo_max_ratio, **agg)
-                elif cfg.loss == "sapo":
-                    pg_loss, st = losses.sapo_loss(logps, old_logps[mb], advantages[mb], m, cfg.sapo_tau_pos,
-                                                   cfg.sapo_tau_neg, **agg)
-                else:
-                    pg_loss, st = losses.ppo_policy_loss(logps, old_logps[mb], advantages[mb], m, cfg.clip_eps,
-                                                         cfg.clip_eps_high or None, **agg, level=cfg.importance_level)
-                loss = pg_loss
-                if not kl_in_reward and ref is not None and cfg.algo != "online_dpo":
-                    # GRPO's KL term, aggregated like the policy loss
-                    kl_term = losses.policy_gradient_loss(losses.kl_penalty(logps, ref_logps[mb], kl_estimator), m, **agg)
-                    loss = loss + cfg.beta * kl_term
-                common.check_finite(common.all_sum(loss.item(), dist), step, "policy loss")
-                loss.backward()
-                st = {k2: float(v) for k2, v in st.items()}
-                st["policy_loss"] = pg_loss.item()
-                st["grad_norm"] = common.optimizer_step(policy, opt, step, cfg)
-                if critic is not None:
-                    values = completion_values(critic, s, a, P, dist)
-                    vf_loss, vst = losses.ppo_value_loss(values, old_values[mb], returns[mb], m, cfg.vf_clip)
-                    (cfg.vf_coef * vf_loss).backward()
-                    for g in vopt.param_groups:
-                        g["lr"] = cfg.value_lr
-                    common.clip_grad_norm(critic, cfg.grad_clip, step, "value grad_norm")
-                    vopt.step()
-                    vopt.zero_grad(set_to_none=True)
-                    st["value_loss"], st["vf_clipfrac"] = vf_loss.item(), vst["vf_clipfrac"].item()
-                for k2, v in st.items():
-                    stats[k2] = stats.get(k2, 0.0) + v / (cfg.ppo_epochs * cfg.minibatches)
-
-        # ---- log (means over all ranks' rollouts)
-        n_tok = cmaskf.sum()
-        metrics = {
-            "reward": raw_scores.mean().item(), "reward_std": raw_scores.std().item(),
-            "kl": (losses.masked_mean(kl, cmaskf)).item(), "entropy": losses.masked_mean(entropy, cmaskf).item(),
-            "response_length": cmaskf.sum(-1).mean().item(), "truncated": (~ended).float().mean().item(), **stats,
-        }
-        if cfg.algo == "ppo":
-            var_r = losses.masked_mean((returns - losses.masked_mean(returns, cmaskf)) ** 2, cmaskf)
-            var_e = losses.masked_mean((returns - old_values - losses.masked_mean(returns - old_values, cmaskf)) ** 2, cmaskf)
-            metrics["explained_variance"] = (1 - var_e / var_r.clamp(min=1e-8)).item()
-        metrics = {k: common.all_sum(v, dist) / dist.world for k, v in metrics.items()}
-        t_all = time.time() - t0
-        metrics["gen_tokens_per_s"] = common.all_sum(n_tok.item(), dist) / max(t_gen, 1e-9)
-        metrics["train_tokens_per_s"] = common.all_sum(attn.sum().item() * cfg.ppo_epochs, dist) / max(t_all - t_gen, 1e-9)
-        if (step + 1) % cfg.log_every == 0 or step == start:
-            log.log(step + 1, metrics)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            evaluate(step + 1)
-        if common.checkpoint_or_stop(step + 1, cfg, dist, preempt, parts):
-            return
-
-    # ---- eval and save
-    evaluate(cfg.max_steps)
-    common.save_final(policy, cfg, dist, model_dir, model_dir)
+    # ---- save
+    if loop.finished:
+        checkpoint.save_final(policy, cfg, dist, model_dir, model_dir)
 
 
 if __name__ == "__main__":
-    main(common.parse_config(PPOConfig))
+    common.run(main, PPOConfig)

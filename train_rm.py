@@ -13,15 +13,18 @@ from dataclasses import dataclass
 
 import torch
 
+import checkpoint
 import common
+import forward
 import losses
 from data import batching, chat, formats, task
+from loop import Loop, accumulate, micro_batches
 
 
 @dataclass
 class RMConfig(common.TrainConfig):
     """Reward model (Bradley-Terry)."""
-    model: str = ""            # init (HF causal LM or reward model); default: the built-in SFT model
+    model: str = ""            # init (HF causal LM or reward model); default: the built-in task's SFT model (runs/sft)
     out: str = "runs/rm"
     center_coef: float = 0.0   # + center_coef * mean((r_chosen + r_rejected)^2) keeps scores near 0
     use_margin: bool = False   # subtract the records' "margin" field inside the sigmoid
@@ -39,22 +42,13 @@ class RMConfig(common.TrainConfig):
               "max_new_tokens": "[1, inf)"}
 
 
-def pair_scores(model, batch, dist):
-    """Scores [2n] of rows [chosen; rejected], each read at the row's last real token."""
-    b = {k: v.to(dist.device) for k, v in batch.items()}
-    with common.autocast(dist):
-        scores = model(b["input_ids"], None, b["position_ids"])  # right padding: the causal mask suffices
-    last = b["attention_mask"].gt(0).sum(-1) - 1
-    return scores.float()[torch.arange(scores.shape[0], device=dist.device), last]
-
-
 def main(cfg: RMConfig):
     # ---- setup
     dist = common.setup(cfg)
+    model_dir = cfg.model or task.stage(task.SFT_MODEL, "SFT model to start from (--model)")
 
     # ---- data and model
-    model_dir = cfg.model or common.ensure_sft_model(dist, cfg.seed)
-    tok = chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
+    tok = common.load_tokenizer(model_dir, cfg)
     rm = common.load_model(model_dir, cfg, dist, head="score", adapt=True, modules_to_save=("score",), seed=cfg.seed)
     rm.cfg.pad_token_id = tok.pad_id  # transformers finds the last token through pad_token_id
     if tok.pad_id in tok.stop_ids:
@@ -67,8 +61,9 @@ def main(cfg: RMConfig):
     else:  # built-in task: the SFT model's own answers judged by the verifier
         tdir = task.ensure_task(task.TASK_DIR)
         sampler = common.load_model(model_dir, cfg, dist, train=False)
-        pairs = common.sample_preference_pairs(sampler, tok, formats.load_prompts(os.path.join(tdir, "train.jsonl"))[:cfg.pair_prompts],
-                                               dist, task.is_correct, cfg.samples_per_prompt, cfg.seed, cfg.max_new_tokens)
+        prompts = formats.load_prompts(os.path.join(tdir, "train.jsonl"))[:cfg.pair_prompts]
+        pairs = task.sample_preference_pairs(sampler, tok, prompts, dist, cfg.samples_per_prompt, cfg.seed,
+                                             cfg.max_new_tokens)
         del sampler
         eval_pairs, pairs = pairs[:len(pairs) // 10], pairs[len(pairs) // 10:]
         enc = [chat.tokenize_preference(ex, tok, cfg.max_length, cfg.max_prompt_length) for ex in pairs]
@@ -79,58 +74,44 @@ def main(cfg: RMConfig):
         raise formats.DataError(f"--use-margin: {len(missing)} records have no 'margin' field, e.g. {where}")
     margins = margins.nan_to_num(0.0)
     common.print0(f"{len(enc)} training pairs, {len(evals)} held out")
+    opt = common.make_optimizer(rm, cfg)
 
-    opt = common.make_optimizer(rm, cfg, dist)
-    start = common.resume(cfg, dist, {"model": (rm, opt)})
-    log = common.Logger(cfg, dist, start)
-
-    def evaluate(step):
+    def evaluate():
         if not evals:
-            return
-        rm.eval()
+            return {}
         correct = total = 0.0
-        with torch.no_grad(), common.unsharded(rm):
+        rm.eval()
+        with torch.no_grad(), common.unsharded(rm):  # ranks run different numbers of batches
             for i in range(dist.rank * cfg.batch_size, len(evals), cfg.batch_size * dist.world):
                 chunk = evals[i:i + cfg.batch_size]
-                s = pair_scores(rm, batching.collate_preference(chunk, tok.pad_id), dist)
+                s = forward.pair_scores(rm, batching.collate_preference(chunk, tok.pad_id), dist)
                 correct += (s[:len(chunk)] > s[len(chunk):]).sum().item()
                 total += len(chunk)
         rm.train()
-        log.log(step, {"eval/accuracy": common.all_sum(correct, dist) / max(common.all_sum(total, dist), 1)})
+        return {"eval/accuracy": common.all_sum(correct, dist) / max(common.all_sum(total, dist), 1)}
 
-    if start == 0:
-        evaluate(0)
-    # ---- loop (from here on, SIGTERM means: checkpoint at the end of this step, then exit)
-    preempt = common.Preemption()
+    def loss(mb, totals):
+        """Bradley-Terry over the micro-batch's pairs, as a sum over pairs / the step's pairs."""
+        s = forward.pair_scores(rm, batching.collate_preference([enc[j] for j in mb], tok.pad_id), dist)
+        c, r = s[:len(mb)], s[len(mb):]
+        mean_loss, accuracy = losses.reward_loss(c, r, margins[mb].to(dist.device) if cfg.use_margin else None,
+                                                 cfg.center_coef)
+        share = len(mb) / totals["pairs"]
+        return mean_loss * share, {"accuracy": accuracy * share, "margin": (c - r).mean() * share}
+
+    # ---- loop
+    loop = Loop(cfg, dist, {"model": (rm, opt)}, evaluate)
     rm.train()
-    for step in range(start, cfg.max_steps):
+    for step in loop:
         idx = batching.batch_indices(len(enc), cfg.batch_size * cfg.grad_accum, cfg.seed, step, dist.rank, dist.world)
-        sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-        for i in range(cfg.grad_accum):
-            mb = idx[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            if dist.world > 1:
-                rm.set_requires_gradient_sync(i == cfg.grad_accum - 1)
-            s = pair_scores(rm, batching.collate_preference([enc[j] for j in mb], tok.pad_id), dist)
-            c, r = s[:len(mb)], s[len(mb):]
-            margin = margins[mb].to(dist.device) if cfg.use_margin else None
-            loss, accuracy = losses.reward_loss(c, r, margin, cfg.center_coef)
-            (loss / cfg.grad_accum).backward()
-            for k, v in (("loss", loss), ("accuracy", accuracy), ("margin", (c - r).mean())):
-                sums[k] += v.item() / cfg.grad_accum
-        metrics = {k: common.all_sum(v, dist) / dist.world for k, v in sums.items()}
-        common.check_finite(metrics["loss"], step)
+        metrics = accumulate(rm, micro_batches(idx, cfg.grad_accum), dist, step, lambda mb: {"pairs": len(mb)}, loss)
         metrics["grad_norm"] = common.optimizer_step(rm, opt, step, cfg)
-        if (step + 1) % cfg.log_every == 0 or step == start:
-            log.log(step + 1, metrics)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            evaluate(step + 1)
-        if common.checkpoint_or_stop(step + 1, cfg, dist, preempt, {"model": (rm, opt)}):
-            return
+        loop.record(metrics)
 
-    # ---- eval and save
-    evaluate(cfg.max_steps)
-    common.save_final(rm, cfg, dist, model_dir, model_dir)
+    # ---- save
+    if loop.finished:
+        checkpoint.save_final(rm, cfg, dist, model_dir, model_dir)
 
 
 if __name__ == "__main__":
-    main(common.parse_config(RMConfig))
+    common.run(main, RMConfig)

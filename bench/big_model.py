@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import forward  # noqa: E402
 import lora  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
@@ -159,7 +160,7 @@ if dist.main:
 
 if a.algo == "dpo":
     ref = policy if a.lora_r else common.load_model(ckpt, cfg, dist, train=False).eval()
-    opt = common.make_optimizer(policy, cfg, dist)
+    opt = common.make_optimizer(policy, cfg)
     g = torch.Generator().manual_seed(0)
     V, P, A = hf["vocab_size"], a.prompt_len, a.answer_len
     phases = {"ref_forward": 0.0, "policy_forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -168,9 +169,9 @@ if a.algo == "dpo":
         batch = batching.collate_preference_shared([{"prompt_ids": prompt, "chosen_ids": ch, "rejected_ids": rj}], pad_id=0)
         t = time.perf_counter()
         with torch.no_grad(), lora.adapters_disabled(ref):
-            ref_lp, mask = common.token_logps(ref, batch, dist, cfg.chunk_size)
+            ref_lp, mask = forward.token_logps(ref, batch, dist, cfg.chunk_size)
         t1 = time.perf_counter()
-        lp, mask = common.token_logps(policy, batch, dist, cfg.chunk_size)
+        lp, mask = forward.token_logps(policy, batch, dist, cfg.chunk_size)
         seq, ref_seq = (lp * mask).sum(-1), (ref_lp * mask).sum(-1)
         loss = losses.dpo_loss(seq[:1], seq[1:], ref_seq[:1], ref_seq[1:])[0].mean()
         t2 = time.perf_counter()

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import forward  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
 import train_dpo  # noqa: E402
@@ -67,7 +68,7 @@ for _ in range(a.steps):  # the same prompt for chosen and rejected, as TRL's be
     batches.append(train_dpo.collate([{"prompt_ids": prompt[i], "chosen_ids": resp[i], "rejected_ids": resp[a.batch + i]}
                                       for i in range(a.batch)], 0, layout))
 dist = common.Dist(rank=0, world=1, device=torch.device("cpu"), autocast_dtype=None)
-opt = common.make_optimizer(policy, common.TrainConfig(lr=1e-4), dist)  # train_dpo.py's AdamW
+opt = common.make_optimizer(policy, common.TrainConfig(lr=1e-4))  # train_dpo.py's AdamW
 
 
 def seq_logps(m, batch):  # exactly train_dpo.py's path: only answer positions go through the LM head
@@ -76,7 +77,7 @@ def seq_logps(m, batch):  # exactly train_dpo.py's path: only answer positions g
         if "index" in batch:  # shared-prompt rows: the positions that predict each answer token
             logits = logits.flatten(0, 1)[batch["index"]]
         return (losses.logprobs_from_logits(logits, batch["labels"]) * batch["loss_mask"]).sum(-1)
-    lp, mask = common.token_logps(m, batch, dist, a.chunk_size)
+    lp, mask = forward.token_logps(m, batch, dist, a.chunk_size)
     return (lp * mask).sum(-1)
 
 

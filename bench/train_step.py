@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import forward  # noqa: E402
 import lora  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
@@ -116,13 +117,13 @@ def random_batch(algo, g):
 def step(algo, batch):
     """One optimizer step, as train_sft.py / train_dpo.py do it; returns its model FLOPs."""
     n_loss = batch["loss_mask"].sum().item()
-    logps, mask = common.token_logps(policy, batch, dist, a.chunk_size)
+    logps, mask = forward.token_logps(policy, batch, dist, a.chunk_size)
     if algo == "sft":
         loss = losses.sft_loss(logps, mask, n_loss)
         flops = (2 if a.lora_r else 3) * forward_flops(batch, n_loss)
     else:
         with torch.no_grad(), lora.adapters_disabled(ref):
-            ref_logps, _ = common.token_logps(ref, batch, dist, a.chunk_size)
+            ref_logps, _ = forward.token_logps(ref, batch, dist, a.chunk_size)
         seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)
         loss = losses.dpo_loss(seq[:a.batch], seq[a.batch:], ref_seq[:a.batch], ref_seq[a.batch:])[0].mean()
         flops = (3 if a.lora_r else 4) * forward_flops(batch, n_loss)
@@ -141,7 +142,7 @@ for algo in a.algo.split(","):
     elif algo == "dpo":
         ref = new_model()
         ref.requires_grad_(False).eval()
-    opt = common.make_optimizer(policy, cfg, dist)
+    opt = common.make_optimizer(policy, cfg)
     g = torch.Generator().manual_seed(0)
     batches = [random_batch(algo, g) for _ in range(a.warmup + a.steps)]
     if dev.type == "cuda":

@@ -10,6 +10,8 @@ and left-padded for generation.
 """
 import torch
 
+from .formats import DataError
+
 
 def _shift(ids, mask, pad_id):
     return ids[1:] + [pad_id], mask[1:] + [0]
@@ -115,7 +117,8 @@ def batch_indices(n, batch_size, seed, step, rank=0, world=1):
     per_step = batch_size * world
     steps_per_epoch = n // per_step
     if steps_per_epoch == 0:
-        raise ValueError(f"{n} examples are fewer than one global batch ({batch_size} x {world} processes)")
+        raise DataError(f"{n} examples are fewer than one global batch ({batch_size} x {world} processes): "
+                        "lower --batch-size, or give more data")
     epoch, k = divmod(step, steps_per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     start = k * per_step + rank * batch_size

@@ -1,6 +1,6 @@
 """Chat templates rendered as transformers renders them, with exact assistant masks: real Llama-3
 and Qwen3 tokenizers (../shared/tokenizers, skipped when absent) with their own templates and
-with the templates of Mistral-Instruct v0.3, Llama-2-chat, Qwen2.5 and Llama-3.1 (tests/chat_templates.py).
+with the templates of Mistral-Instruct v0.3, Llama-2-chat, Qwen2.5 and Llama-3.1 (tests/support/chat_templates.py).
 transformers is the oracle: our ids must equal tokenizer(apply_chat_template(..., tokenize=False),
 add_special_tokens=False)."""
 import json

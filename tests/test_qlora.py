@@ -1,5 +1,5 @@
 """QLoRA: NF4 base + LoRA adapters; streamed loading and saving (common.load_model,
-common.hf_state_chunks); the scripts with --quantize nf4 --lora-r 8."""
+checkpoint.hf_state_chunks); the scripts with --quantize nf4 --lora-r 8."""
 import glob
 import json
 import os
@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import common
 import lora
 import model as M
@@ -62,7 +63,7 @@ def test_streamed_load_and_save_two_processes(base, tmp_path):
     """Double quantization: every kind of NF4 tensor (codes, 8-bit absmax, their fp32 constants and
     a 1-element offset) goes through FSDP2's sharding and byte-wise all-gather."""
     double_quant = True
-    run_script("tests/fsdp_stream.py", [base, tmp_path / "o2", "1"], tmp_path, nproc=2)
+    run_script("tests/support/fsdp_stream.py", [base, tmp_path / "o2", "1"], tmp_path, nproc=2)
     r2 = json.load(open(tmp_path / "o2" / "result_2.json"))
     ids = torch.randint(1, 30, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -133,6 +134,6 @@ def test_frozen_embedding_keeps_a_bf16_checkpoints_dtype(tmp_path, tied):
         assert emb.dtype == (torch.float32 if tied else torch.bfloat16)
         with torch.no_grad():
             assert torch.equal(got(ids), want(ids))
-        assert all(v.dtype == torch.float32 for c in common.hf_state_chunks(got, d) for v in c.values())
+        assert all(v.dtype == torch.float32 for c in checkpoint.hf_state_chunks(got, d) for v in c.values())
     full = common.load_model(path, common.TrainConfig(dtype="fp32", out=str(tmp_path / "o")), d)  # trained: fp32
     assert full.model.embed_tokens.weight.dtype == torch.float32

@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 
+import checkpoint
 import common
 import model as M
 import train_ppo
@@ -74,8 +75,8 @@ def test_runs_never_mix(here):
 def load_weights(ckpt, tdir):
     model = M.Transformer(M.read_config(tdir))
     model.init_weights(seed=1)
-    opt = common.make_optimizer(model, common.TrainConfig(), None)
-    common.load_checkpoint(ckpt, common.Dist(0, 1, torch.device("cpu"), None), {"model": (model, opt)})
+    opt = common.make_optimizer(model, common.TrainConfig())
+    checkpoint.load_checkpoint(ckpt, common.Dist(0, 1, torch.device("cpu"), None), {"model": (model, opt)})
     return model
 
 
@@ -108,7 +109,7 @@ def test_never_saves_nonfinite_weights(here):
         model.model.norm.weight[3] = float("inf")
     dist = common.Dist(0, 1, torch.device("cpu"), None)
     with pytest.raises(FloatingPointError, match="model.norm.weight"):
-        common.save_checkpoint("o", 7, dist, {"model": (model, common.make_optimizer(model, common.TrainConfig(), dist))})
+        checkpoint.save_checkpoint("o", 7, dist, {"model": (model, common.make_optimizer(model, common.TrainConfig()))})
     assert not (here / "o").exists()
 
 

@@ -1,4 +1,4 @@
-"""sweep.py, plot.py and --report-to. The sweep runs tests/fake_train.py (a few lines that write
+"""sweep.py, plot.py and --report-to. The sweep runs tests/support/fake_train.py (a few lines that write
 known metrics and fail on demand), so these tests take seconds."""
 import json
 import os
@@ -8,11 +8,12 @@ import sys
 import pytest
 
 import common
+import loop
 import plot
 import sweep
 from helpers import ROOT
 
-FAKE = os.path.join(ROOT, "tests", "fake_train.py")
+FAKE = os.path.join(ROOT, "tests", "support", "fake_train.py")
 
 
 def test_plan_expands_axes():
@@ -110,7 +111,7 @@ def test_plot_curves_and_png(tmp_path):
 
 def logger(tmp_path, report_to, start_step=0, rank=0):
     cfg = common.TrainConfig(out=str(tmp_path), report_to=report_to, max_steps=4)
-    return common.Logger(cfg, common.Dist(rank, 2, None, None), start_step)
+    return loop.Logger(cfg, common.Dist(rank, 2, None, None), start_step)
 
 
 def test_report_to_tensorboard_matches_metrics_jsonl(tmp_path):
@@ -163,8 +164,8 @@ def test_report_to_wandb_sends_the_same_records_from_rank_0(tmp_path, monkeypatc
 
 
 def test_loggers_are_imported_only_when_asked(tmp_path):
-    code = (f"import sys, common, train_sft, train_dpo, train_ppo, train_rm\n"
-            f"log = common.Logger(common.TrainConfig(out={str(tmp_path)!r}), common.Dist(0, 1, None, None))\n"
+    code = (f"import sys, common, loop, train_sft, train_dpo, train_ppo, train_rm, train_distill\n"
+            f"log = loop.Logger(common.TrainConfig(out={str(tmp_path)!r}), common.Dist(0, 1, None, None))\n"
             "log.log(1, {'loss': 1.0})\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'tensorboard', 'tensorboardX')"
             " or m.startswith('torch.utils.tensorboard')))\n")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import forward
 import losses
 import model as M
 import train_dpo
@@ -85,7 +86,7 @@ def test_shared_prompt_rows_equal_two_rows(setup):
     out = []
     for collate in (batching.collate_preference, batching.collate_preference_shared):
         m.zero_grad()
-        lp, mask = common.token_logps(m, collate(ex, 0), d, chunk_size=4)
+        lp, mask = forward.token_logps(m, collate(ex, 0), d, chunk_size=4)
         seq = (lp * mask).sum(-1)
         (seq * torch.arange(1.0, 7.0)).sum().backward()  # a different weight per sequence
         out.append((seq.detach(), mask.sum(-1), [p.grad.clone() for p in m.parameters()]))
@@ -96,7 +97,7 @@ def test_shared_prompt_rows_equal_two_rows(setup):
     # the rejected answer must not see the chosen one: changing chosen leaves rejected unchanged
     ex2 = [dict(e, chosen_ids=[60, 61, 62] + e["chosen_ids"]) for e in ex]
     with torch.no_grad():
-        lp2, mask2 = common.token_logps(m, batching.collate_preference_shared(ex2, 0), d, chunk_size=4)
+        lp2, mask2 = forward.token_logps(m, batching.collate_preference_shared(ex2, 0), d, chunk_size=4)
     assert torch.allclose((lp2 * mask2).sum(-1)[3:], b[3:], atol=1e-5)
 
 

@@ -82,7 +82,7 @@ def test_resume_mid_run_equals_uninterrupted(tiny, tmp_path):
 
 def test_generation_under_fsdp_equals_single_process(tiny, tmp_path):
     policy, _ = tiny
-    script = os.path.join(ROOT, "tests", "fsdp_generate.py")
+    script = os.path.join(ROOT, "tests", "support", "fsdp_generate.py")
     run_script(script, [policy, tmp_path / "two.pt"], tmp_path, nproc=2)
     run_script(script, [policy, tmp_path / "one.pt"], tmp_path, nproc=1)
     two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")

@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import checkpoint  # noqa: E402
 import common  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
@@ -37,8 +38,8 @@ with torch.no_grad():
     for _, m in lora.lora_layers(q):
         m.lora_B.weight.fill_(0.01)  # elementwise: the same on every shard
     result["qlora"] = q(ids).tolist()
-common.save_final(q, qcfg, d, None, path)
-chunks = common.hf_state_chunks(q, d)  # again, into small shard files
+checkpoint.save_final(q, qcfg, d, None, path)
+chunks = checkpoint.hf_state_chunks(q, d)  # again, into small shard files
 if d.main:
     M.save_pretrained(q, os.path.join(out, "sharded"), state_dict=chunks, max_shard_bytes=200_000)
 for _ in chunks:
