@@ -4,9 +4,8 @@ setup, model building (streamed loading, LoRA, NF4, FSDP2), the optimizer and it
 progress/metrics logging. Checkpoints and the final export are in checkpoint.py, the forward
 helpers in forward.py, the loop skeleton in loop.py.
 
-Runs as one plain process (`python train_sft.py`) or under torchrun (`torchrun --nproc_per_node N
-train_sft.py`): gloo on CPU, NCCL on GPU. With more than one process the model is sharded with FSDP2
-(`fully_shard` per block, then the root); a single process trains the plain module.
+Runs as one plain process (`python train_sft.py`) or under torchrun (gloo on CPU, NCCL on GPU); with
+more than one process the model is sharded with FSDP2 (`fully_shard` per block, then the root).
 """
 import argparse
 import atexit
@@ -100,6 +99,7 @@ def parse_config(cls, argv=None):
     `--help` lists every field with its default, allowed values and the comment on its line."""
     p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (--help lists every flag)\n")  # not the usage block
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         flag, about = checkpoint.flag(f.name), comments.get(f.name, "").replace("%", "%%")

@@ -4,10 +4,10 @@
 # already finished.
 #   bash bench/results.sh                   # every row over seeds 0-2 (~2 h on the 2-core dev machine)
 #   SEEDS=0 bash bench/results.sh           # seed 0 only (~40 min)
-# DPO, RL and the reward model all start from runs/sft (the SFT stage's defaults, seed 0), and
-# distillation's teacher is runs/ppo (GRPO's defaults, seed 0); both are trained first, on their
-# own, so that no run's wall time includes them. Their seeds vary their own sampling and batch
-# order only.
+# DPO, RL and the reward model all start from runs/sft (the SFT stage's defaults, seed 0),
+# distillation's teacher is runs/ppo (GRPO's defaults, seed 0) and LoRA SFT adapts runs/sft_base;
+# they are trained first, on their own, so that no row's wall time includes them. A row's seeds
+# vary its own sampling and batch order only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${NPROC:-2}"
@@ -15,7 +15,9 @@ S="python sweep.py --seeds ${SEEDS:-0,1,2} --nproc $N"
 M="python sweep.py --seeds ${SEEDS_MORE:-${SEEDS:-0,1,2}} --nproc $N"
 [ -e runs/sft/model/config.json ] || torchrun --standalone --nproc_per_node "$N" train_sft.py --out runs/sft
 [ -e runs/ppo/model/config.json ] || torchrun --standalone --nproc_per_node "$N" train_ppo.py --out runs/ppo
-# the algorithms of issue 14, LoRA (11) and QLoRA (12)
+# the base that the LoRA SFT row adapts (a short full fine-tuning run, seed 0)
+[ -e runs/sft_base/model/config.json ] || torchrun --standalone --nproc_per_node "$N" train_sft.py --max-steps 300 --out runs/sft_base
+# the loss variants, REINFORCE++, online DPO, distillation, LoRA and QLoRA
 $M train_ppo.py --loss cispo,sapo --name readme-loss
 $M train_ppo.py --importance-level sequence --clip-eps 3e-4 --clip-eps-high 4e-4 --loss-agg grpo --beta 0 --name readme-gspo
 $M train_ppo.py --algo reinforce_pp --name readme-rpp

@@ -168,16 +168,16 @@ def test_new_modes_train_and_match_losses(tiny, tmp_path, mode):
 
 
 def test_online_dpo_objective_picks_chosen_and_skips_ties():
-    import common
     import train_ppo
     cfg = train_ppo.PPOConfig(beta=0.5, dpo_loss="sigmoid", rpo_alpha=0.0)
-    one = common.Dist(0, 1, torch.device("cpu"), None)
     logps = torch.tensor([[-1.0, -0.5], [-3.0, 0.0], [-2.0, 0.0], [-0.5, 0.0], [-1.0, 0.0], [-9.0, 0.0]],
                          dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[1.0, 1.0]] + [[1.0, 0.0]] * 5, dtype=torch.float64)
     ref = torch.full_like(logps, -1.0)
     pref = torch.tensor([1.0, -1.0, -1.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # pair 1: the second row is chosen; pair 2 a tie
-    loss, st = train_ppo.online_dpo_objective(logps, ref, pref, mask, one, cfg)
+    # the step's global counts (one process, one micro-batch): the non-tied pairs and the chosen rows' tokens
+    totals = {"pairs": int((pref.view(-1, 2)[:, 0] != 0).sum()), "chosen_tokens": mask[pref > 0].sum().item()}
+    loss, st = train_ppo.online_dpo_objective(logps, ref, pref, mask, totals, cfg)
     # pair 0: chosen row 0 (-1.5, ref -2), rejected row 1 (-3, ref -1): m = 0.5 + 2 = 2.5
     # pair 1: chosen row 3 (-0.5, ref -1), rejected row 2 (-2, ref -1): m = 0.5 + 1 = 1.5
     want = -(torch.nn.functional.logsigmoid(torch.tensor(0.5 * 2.5)) + torch.nn.functional.logsigmoid(torch.tensor(0.75))) / 2
@@ -186,5 +186,5 @@ def test_online_dpo_objective_picks_chosen_and_skips_ties():
     g = logps.grad[:, 0]
     assert g[0] < 0 < g[1] and g[3] < 0 < g[2] and g[4] == g[5] == 0  # chosen up, rejected down, ties untouched
     # RPO's term adds the token-mean NLL of the chosen rows (3 tokens: -1.5 and -0.5 summed)
-    loss_rpo, _ = train_ppo.online_dpo_objective(logps, ref, pref, mask, one, train_ppo.PPOConfig(beta=0.5, rpo_alpha=1.0))
+    loss_rpo, _ = train_ppo.online_dpo_objective(logps, ref, pref, mask, totals, train_ppo.PPOConfig(beta=0.5, rpo_alpha=1.0))
     assert abs(loss_rpo.item() - loss.item() - 2.0 / 3) < 1e-6
