@@ -35,12 +35,13 @@ class RunError(ValueError):
 # ----------------------------------------------------------------------------- the run's identity
 
 # What a --resume may change: where and how often the run reports, evaluates and saves, memory
-# placement (activation checkpointing, CPU offload: same arithmetic), and the optimisation
+# placement and layout (activation checkpointing, CPU offload, --hsdp: DCP reshards a checkpoint
+# onto any mesh of the same world size, and of another one too, without the per-rank RNG), and the optimisation
 # settings a run is resumed to change (a lower lr after a divergence, a longer schedule). Every
 # other field defines the model, the data, the algorithm or the batch shape: it must match.
 # --max-steps may grow, or shrink down to the checkpoint's step.
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "stop_after", "save_every", "log_every", "eval_every",
-                     "eval_samples", "record_rollout", "grad_ckpt", "cpu_offload", "report_to", "data_cache",
+                     "eval_samples", "record_rollout", "grad_ckpt", "cpu_offload", "hsdp", "report_to", "data_cache",
                      "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "max_steps", "value_lr")
 
 

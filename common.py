@@ -13,17 +13,17 @@ import ctypes
 import dataclasses
 import errno
 import inspect
-import io
 import math
 import os
+import re
 import sys
 import time
-import tokenize
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torchdist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import checkpoint
@@ -72,6 +72,7 @@ class TrainConfig:
     quantize: str = ""        # nf4: frozen base projections in 4-bit NormalFloat (QLoRA with --lora-r; nf4.py)
     double_quant: bool = False  # with nf4: the per-block absmax constants in 8 bits too (QLoRA's double quantization)
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: parameters, gradients, optimizer state in host memory
+    hsdp: int = 0             # HSDP: FSDP2 on a 2-D mesh of N replica groups x world/N shards (one per node); 0 = FSDP
     report_to: str = ""       # comma list: metrics.jsonl's records there too, from rank 0
 
     # Allowed values of numeric flags (an unlisted one must be >= 0); scripts extend it, as CHOICES.
@@ -150,23 +151,11 @@ def _in_range(v, interval):
 
 def _field_comments(cls):
     """{field: the comment on its line} over the class and its bases (a subclass's wins): --help's
-    descriptions, kept where a reader of the code sees them."""
+    descriptions, kept where a reader of the code sees them. (A default holding "#" would cut its
+    comment: none does.)"""
     out = {}
-    for c in reversed(cls.__mro__):
-        try:
-            src = inspect.getsource(c)
-        except (OSError, TypeError):  # builtins, or classes defined where no source is kept
-            continue
-        line_start = None
-        for t in tokenize.generate_tokens(io.StringIO(src).readline):
-            if t.type == tokenize.NAME and line_start is None:
-                line_start = t
-            elif t.type == tokenize.COMMENT and line_start is not None and line_start.start[0] == t.start[0]:
-                out[line_start.string] = t.string.lstrip("#").strip()
-            if t.type in (tokenize.NEWLINE, tokenize.NL):
-                line_start = None
-            elif line_start is None:
-                line_start = False  # this logical line starts with something else
+    for c in reversed(cls.__mro__[:-1]):  # not `object`
+        out.update({m[1]: m[2].strip() for m in re.finditer(r"^    (\w+): [^#\n]*#(.*)$", inspect.getsource(c), re.M)})
     return out
 
 
@@ -201,10 +190,17 @@ class Dist:
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16 compute where wanted, None = fp32
     offload: bool = False  # --cpu-offload
+    mesh: object = None    # --hsdp: the (replicate, shard) DeviceMesh; None = one flat group
 
     @property
     def main(self):
         return self.rank == 0
+
+    @property
+    def shard(self):
+        """(index, count) of this rank's dim-0 parameter shard: FSDP2 shards within a replica group."""
+        shards = self.world // self.mesh.size(0) if self.mesh is not None else self.world
+        return self.rank % shards, shards
 
 
 def _malloc_mmap_threshold(nbytes=1 << 20):
@@ -235,9 +231,10 @@ def setup(cfg: TrainConfig) -> Dist:
     if world > 1 and not torchdist.is_initialized():
         torchdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(_leave_process_group)
-    for name in PATH_FLAGS:
-        if getattr(cfg, name, "") and not os.path.exists(getattr(cfg, name)):
-            raise UsageError(f"{checkpoint.flag(name)} {getattr(cfg, name)}: no such file or directory")
+    for name in (n for n in PATH_FLAGS if getattr(cfg, n, "") and not os.path.exists(getattr(cfg, n))):
+        raise UsageError(f"{checkpoint.flag(name)} {getattr(cfg, name)}: no such file or directory")
+    if cfg.hsdp > 1 and world % cfg.hsdp:
+        raise UsageError(f"--hsdp {cfg.hsdp}: the {world} processes must split into {cfg.hsdp} equal replica groups")
     if cfg.quantize and cfg.lora_r <= 0:
         # a quantized reference beside a full-precision policy would start the KL away from zero
         raise UsageError(f"--quantize {cfg.quantize} freezes the base weights: it needs --lora-r > 0 (QLoRA)")
@@ -254,13 +251,16 @@ def setup(cfg: TrainConfig) -> Dist:
         # as TF32: 10 mantissa bits, more than the bf16 the rest of the model runs in
         torch.set_float32_matmul_precision("high")
     torch.manual_seed(cfg.seed)
-    return Dist(rank, world, device, torch.bfloat16 if bf16 else None, cfg.cpu_offload)
+    # rank = replica * shards + shard: a replica group is a node's consecutive ranks, so the
+    # all-gathers and reduce-scatters stay within a node and only an all-reduce crosses nodes
+    mesh = init_device_mesh(device.type, (cfg.hsdp, world // cfg.hsdp), mesh_dim_names=("replicate", "shard")) \
+        if cfg.hsdp > 1 else None
+    return Dist(rank, world, device, torch.bfloat16 if bf16 else None, cfg.cpu_offload, mesh)
 
 
 def _leave_process_group():
-    """At exit: a gloo worker thread still releasing the last collective's tensors takes the GIL;
-    if the interpreter is finalizing, that aborts the process (~1 run in 10 of a 2-process job;
-    pytorch issue 190489). Destroy the group while Python is alive, and let those threads finish."""
+    """At exit, a gloo thread releasing the last collective's tensors aborts a finalizing interpreter
+    (~1 run in 10 of 2 processes; pytorch issue 190489): destroy the group while Python is alive."""
     torchdist.destroy_process_group()
     time.sleep(0.1)  # releases the GIL to any worker thread still waiting for it
 
@@ -305,11 +305,11 @@ def _shard_part(part, dist: Dist):
         return part
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dist.autocast_dtype is not None and dist.device.type == "cuda" else MixedPrecisionPolicy()
-    offload = {"offload_policy": CPUOffloadPolicy()} if dist.offload else {}
+    kw = {"mesh": dist.mesh, **({"offload_policy": CPUOffloadPolicy()} if dist.offload else {})}
     for m in part.modules() if not isinstance(part, M.Transformer) else ():  # the root's: sharded with their blocks
         if isinstance(m, nf4.NF4Linear):
-            fully_shard(m, mp_policy=MixedPrecisionPolicy(), **offload)
-    return fully_shard(part, mp_policy=mp, **offload)
+            fully_shard(m, mp_policy=MixedPrecisionPolicy(), **kw)
+    return fully_shard(part, mp_policy=mp, **kw)
 
 
 def load_model(path, cfg: TrainConfig, dist: Dist, head="lm", train=True, adapt=False, modules_to_save=(), seed=0,
@@ -323,7 +323,7 @@ def load_model(path, cfg: TrainConfig, dist: Dist, head="lm", train=True, adapt=
     if cfg.quantize and train and not lora_on:
         raise UsageError(f"--quantize {cfg.quantize}: a trained model needs adapters (--lora-r > 0)")
     g = torch.Generator().manual_seed(cfg.seed)  # one stream for every block's adapters: as one apply_lora call
-    shard = (dist.rank, dist.world) if dist.world > 1 else None  # the root is read as its rank's rows only
+    shard = dist.shard if dist.world > 1 else None  # the root is read as its rank's rows only
     for model, part in M.load_parts(path, head, device=dist.device, seed=seed, shard=shard,
                                     frozen_embedding=not train or lora_on, keep_layers=keep_layers):
         if part is not model:

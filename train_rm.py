@@ -97,7 +97,7 @@ def main(cfg: RMConfig):
         mean_loss, accuracy = losses.reward_loss(c, r, margins[mb].to(dist.device) if cfg.use_margin else None,
                                                  cfg.center_coef)
         share = len(mb) / totals["pairs"]
-        return mean_loss * share, {"accuracy": accuracy * share, "margin": (c - r).mean() * share}
+        return mean_loss * share, {"accuracy": accuracy * share, "margin": (c - r).mean().item() * share}
 
     # ---- loop
     loop = Loop(cfg, dist, {"model": (rm, opt)}, evaluate)

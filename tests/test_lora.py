@@ -157,6 +157,7 @@ def assert_same_runs(a, b, rtol, atol):
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= atol
 
 
+@pytest.mark.slow
 def test_lora_sft_one_vs_two_processes(single, base, tmp_path):
     sft(base, ["--out", "o", "--batch-size", "4"], tmp_path, nproc=2)  # 2 x 4 = 8
     assert_same_runs(single / "o", tmp_path / "o", 1e-5, 1e-4)
@@ -166,6 +167,7 @@ def test_lora_sft_one_vs_two_processes(single, base, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
 
 
+@pytest.mark.slow
 def test_lora_sft_grad_accum_and_resume(single, base, tmp_path):
     sft(base, ["--out", "acc", "--batch-size", "2", "--grad-accum", "4"], tmp_path)
     assert_same_runs(single / "o", tmp_path / "acc", 1e-5, 1e-4)
@@ -180,8 +182,9 @@ def test_lora_sft_grad_accum_and_resume(single, base, tmp_path):
     assert_same_runs(single / "o", tmp_path / "r", 0.0, 0.0)  # resume repeats the same fp32 arithmetic
 
 
+@pytest.mark.slow
 def test_rm_adapter_and_score_head_load_in_peft(base, tmp_path):
-    from test_train_dpo import write_pairs
+    from helpers import write_pairs
     args = ["--model", base, "--data", write_pairs(tmp_path / "p.jsonl", 64, 0), "--out", str(tmp_path / "rm"),
             "--max-steps", "3", "--batch-size", "8", "--warmup-steps", "1", "--eval-every", "0", "--lr", "1e-2",
             "--lora-r", "4", "--lora-targets", "q_proj,v_proj"]
@@ -199,7 +202,7 @@ def test_rm_adapter_and_score_head_load_in_peft(base, tmp_path):
 
 @pytest.fixture(scope="module")
 def pairs(base, tmp_path_factory):
-    from test_train_dpo import write_pairs
+    from helpers import write_pairs
     d = tmp_path_factory.mktemp("pairs")
     return {"model": base, "train": write_pairs(d / "train.jsonl", 256, 0), "eval": write_pairs(d / "eval.jsonl", 64, 1)}
 
@@ -209,6 +212,7 @@ def dpo(setup, out, *extra, steps=3):
     return run(setup, out, "--lora-r", "8", *extra, steps=steps)
 
 
+@pytest.mark.slow
 def test_dpo_adapters_off_reference_equals_a_copy(pairs, tmp_path):
     live = series(dpo(pairs, tmp_path / "live"), "loss")
     copy = series(dpo(pairs, tmp_path / "copy", "--ref-model", pairs["model"]), "loss")
@@ -217,6 +221,7 @@ def test_dpo_adapters_off_reference_equals_a_copy(pairs, tmp_path):
     assert all(abs(live[k] - pre[k]) < 1e-5 for k in live)  # other padded lengths: fp32 noise only
 
 
+@pytest.mark.slow
 def test_dpo_lora_one_vs_two_processes(pairs, tmp_path):
     one = series(dpo(pairs, tmp_path / "one", steps=4), "loss")
     args = ["--model", pairs["model"], "--data", pairs["train"], "--out", "two", "--max-steps", "4", "--batch-size", "4",
@@ -226,6 +231,7 @@ def test_dpo_lora_one_vs_two_processes(pairs, tmp_path):
     assert one.keys() == two.keys() and all(abs(one[k] - two[k]) < 1e-5 for k in one), (one, two)
 
 
+@pytest.mark.slow
 def test_ppo_lora_reference_and_critic(base, tmp_path):
     args = ["--model", base, "--out", "o", "--algo", "ppo", "--beta", "0.05", "--max-steps", "2", "--prompts-per-step", "4",
             "--group-size", "2", "--max-new-tokens", "6", "--eval-every", "0", "--eval-samples", "8", "--log-every", "1",
@@ -236,10 +242,12 @@ def test_ppo_lora_reference_and_critic(base, tmp_path):
     assert os.path.exists(tmp_path / "o" / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,message", [(["--lora-r", "-1"], "--lora-r"), (["--lora-r", "4", "--lora-targets", "qproj"], "--lora-targets"),
                                            (["--lora-r", "4", "--lora-targets", "lm_head"], "--lora-targets")])
 def test_bad_lora_flags(pairs, tmp_path, capsys, flags, message):
-    # a negative rank is refused by the flag parser (SystemExit, message on stderr), bad targets by lora.py
+    # a negative rank is refused by the flag parser (SystemExit, message on stderr), bad targets by
+    # lora.py (as common.UsageError, a ValueError)
     with pytest.raises((ValueError, SystemExit)) as e:
         dpo(pairs, tmp_path / "o", *flags)
-    assert message in (str(e.value) if e.type is ValueError else capsys.readouterr().err)
+    assert message in (str(e.value) if isinstance(e.value, ValueError) else capsys.readouterr().err)

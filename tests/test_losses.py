@@ -178,6 +178,7 @@ def _peak_bytes(V, T, D, C, mode):
     return fwd, total
 
 
+@pytest.mark.slow  # a subprocess each, ~3 s
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux peak-RSS reset")
 def test_logprobs_from_hidden_peak_memory():
     """Qwen2.5's vocabulary (151,936) over 1,024 positions: the full fp32 logits alone would be
@@ -191,6 +192,7 @@ def test_logprobs_from_hidden_peak_memory():
     assert total < budget, f"fwd+bwd peak {total / 2**20:.0f} MB > budget {budget / 2**20:.0f} MB"
 
 
+@pytest.mark.slow  # a subprocess each, ~3 s
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux peak-RSS reset")
 def test_peak_memory_harness_sees_naive_logits():
     # The measurement must catch a full-vocabulary implementation, or the test above proves nothing.

@@ -39,6 +39,7 @@ def test_plan_expands_axes():
             sweep.plan("train_sft.py", bad, seeds=[0])
 
 
+@pytest.mark.slow  # sweep.py starts a process per run (tests/support/fake_train.py)
 def test_sweep_runs_aggregates_resumes_and_records_failures(tmp_path, capsys):
     args = [FAKE, "--lr", "1,2,-1", "--tag", "t", "--seeds", "0,1,2", "--root", str(tmp_path), "--name", "s",
             "--metrics", "eval/accuracy,loss", "--parallel", "2"]
@@ -94,6 +95,7 @@ def test_error_line_of_a_torchrun_log():
     assert sweep.error_of("Killed\n")[0] == "Killed"
 
 
+@pytest.mark.slow  # sweep.py starts a process per run (tests/support/fake_train.py)
 def test_plot_curves_and_png(tmp_path):
     sweep.main([FAKE, "--lr", "1,2", "--seeds", "0,2", "--root", str(tmp_path), "--name", "p"])
     d = str(tmp_path / "sweep-p")
@@ -163,6 +165,7 @@ def test_report_to_wandb_sends_the_same_records_from_rank_0(tmp_path, monkeypatc
     assert calls[1] == ("log", 1, {k: v for k, v in record.items() if k != "step"})
 
 
+@pytest.mark.slow
 def test_loggers_are_imported_only_when_asked(tmp_path, capsys):
     code = (f"import sys, common, loop, train_sft, train_dpo, train_ppo, train_rm, train_distill\n"
             f"log = loop.Logger(common.TrainConfig(out={str(tmp_path)!r}), common.Dist(0, 1, None, None))\n"

@@ -30,6 +30,7 @@ def args(setup, out, *extra):
             "--lr", "1e-3", "--chunk-size", "5", *extra]
 
 
+@pytest.mark.slow
 def test_loss_is_generalized_jsd_of_the_two_models(setup, tmp_path):
     out = tmp_path / "o"
     train_distill.main(common.parse_config(train_distill.DistillConfig,
@@ -49,6 +50,7 @@ def test_loss_is_generalized_jsd_of_the_two_models(setup, tmp_path):
     assert abs(loss[1] - want.item()) < 1e-5, (loss[1], want)  # fp32, chunked vs full logits
 
 
+@pytest.mark.slow
 def test_on_policy_and_smaller_student(setup, tmp_path):
     out = tmp_path / "o"
     train_distill.main(common.parse_config(train_distill.DistillConfig,
@@ -58,6 +60,7 @@ def test_on_policy_and_smaller_student(setup, tmp_path):
     assert saved.cfg.num_layers == 1 and json.load(open(out / "model" / "config.json"))["num_hidden_layers"] == 1
 
 
+@pytest.mark.slow
 def test_one_vs_two_processes(setup, tmp_path):
     a = args(setup, "one", "--lmbda", "0")
     run_script("train_distill.py", a, tmp_path)

@@ -1,11 +1,10 @@
-"""train_dpo.py and train_rm.py end to end on small synthetic preference data.
+"""train_dpo.py end to end on small synthetic preference data (helpers.write_pairs).
 
 The synthetic preference is learnable from scratch in a few dozen steps: for "Pick a number",
 chosen answers are made of the digits 1-4 and rejected ones of 6-9 (held-out pairs are new strings). Runs are in-process (fast) except the 2-process comparison, which needs torchrun.
 """
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -15,25 +14,12 @@ import forward
 import losses
 import model as M
 import train_dpo
-import train_rm
-from helpers import run_script, series, tiny_model_dir
-
-
-def write_pairs(path, n, seed):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            x = "".join(rng.choice("1234") for _ in range(4))
-            y = "".join(rng.choice("6789") for _ in range(4))
-            f.write(json.dumps({"prompt": "Pick a number", "chosen": x, "rejected": y}) + "\n")
-    return str(path)
+from helpers import preference_setup, run_script, series
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dpo")
-    return {"model": tiny_model_dir(str(d / "init")), "train": write_pairs(d / "train.jsonl", 256, 0),
-            "eval": write_pairs(d / "eval.jsonl", 64, 1), "dir": d}
+    return preference_setup(tmp_path_factory.mktemp("dpo"))
 
 
 def dpo(setup, out, *extra, steps=3):
@@ -44,6 +30,7 @@ def dpo(setup, out, *extra, steps=3):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", list(losses.DPO_LOSS_TYPES) + ["simpo", "orpo", "kto"])
 def test_every_loss_trains(setup, tmp_path, loss):
     out = dpo(setup, tmp_path / "o", "--loss", loss)
@@ -61,6 +48,7 @@ def test_help_lists_every_loss(capsys):
     assert set(losses.DPO_LOSS_TYPES) | {"simpo", "orpo", "kto"} <= words and "--discopop-tau" in words
 
 
+@pytest.mark.slow
 def test_kto_reads_unpaired_data(setup, tmp_path):
     """--loss kto takes TRL's unpaired records as they are, and they train exactly like the same
     examples unpaired from the preference file (desirable ones first, then undesirable)."""
@@ -101,6 +89,7 @@ def test_shared_prompt_rows_equal_two_rows(setup):
     assert torch.allclose((lp2 * mask2).sum(-1)[3:], b[3:], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_precompute_ref_equals_live_reference(setup, tmp_path):
     live = series(dpo(setup, tmp_path / "live", steps=4), "loss")
     pre = series(dpo(setup, tmp_path / "pre", "--precompute-ref", steps=4), "loss")
@@ -110,6 +99,7 @@ def test_precompute_ref_equals_live_reference(setup, tmp_path):
     assert all(abs(live[k] - rows[k]) < 1e-5 for k in live)
 
 
+@pytest.mark.slow
 def test_one_vs_two_processes(setup, tmp_path):
     one = series(dpo(setup, tmp_path / "one", steps=4), "loss")
     args = ["--model", setup["model"], "--data", setup["train"], "--out", "two", "--max-steps", "4",
@@ -120,25 +110,8 @@ def test_one_vs_two_processes(setup, tmp_path):
     assert all(abs(one[k] - two[k]) < 1e-5 for k in one), (one, two)
 
 
+@pytest.mark.slow
 def test_dpo_learns_synthetic_preferences(setup, tmp_path):
     out = dpo(setup, tmp_path / "o", "--beta", "0.5", "--eval-every", "30", steps=30)
     acc = series(out, "eval/rewards/accuracies")
     assert acc[0] == 0.0 and acc[30] > 0.9, acc  # held-out pairs
-
-
-def test_reward_model_matches_transformers(setup, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    args = ["--model", setup["model"], "--data", setup["train"], "--eval-data", setup["eval"], "--out", str(tmp_path / "rm"),
-            "--max-steps", "20", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "5", "--eval-every", "0", "--lr", "3e-3"]
-    train_rm.main(common.parse_config(train_rm.RMConfig, args))
-    assert series(tmp_path / "rm", "eval/accuracy")[20] > 0.8
-    d = tmp_path / "rm" / "model"
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval()
-    ours = M.from_pretrained(d, head="score")
-    ids = torch.randint(5, 90, (3, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    ids[1, 7:], mask[1, 7:] = 0, 0  # right padding with the pad id (0)
-    with torch.no_grad():
-        ref = hf(ids, attention_mask=mask).logits[:, 0]
-        got = ours(ids, mask)[torch.arange(3), mask.sum(-1) - 1]
-    assert (ref - got).abs().max() < 1e-5 and ref.std() > 1e-3

@@ -21,6 +21,7 @@ def tiny(tmp_path_factory):
     return tiny_model_dir(str(d / "policy")), d
 
 
+@pytest.mark.slow
 def test_grpo_with_reward_fn_matches_losses(tiny, tmp_path):
     policy, _ = tiny
     rec = tmp_path / "rollout.pt"
@@ -43,6 +44,7 @@ def test_grpo_with_reward_fn_matches_losses(tiny, tmp_path):
     assert r["mask"][:, 0].all()  # every completion has at least one token
 
 
+@pytest.mark.slow
 def test_ppo_with_reward_model_matches_gae(tiny, tmp_path):
     policy, d = tiny
     rm = M.from_pretrained(policy, head="score", seed=1)
@@ -68,6 +70,7 @@ def test_ppo_with_reward_model_matches_gae(tiny, tmp_path):
     assert torch.allclose(s, r["scores"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_mid_run_equals_uninterrupted(tiny, tmp_path):
     policy, _ = tiny
     args = ["--model", policy, "--out", "o", "--algo", "ppo"] + SMALL
@@ -80,6 +83,7 @@ def test_resume_mid_run_equals_uninterrupted(tiny, tmp_path):
     assert a == b and len(a) == 3
 
 
+@pytest.mark.slow
 def test_generation_under_fsdp_equals_single_process(tiny, tmp_path):
     policy, _ = tiny
     script = os.path.join(ROOT, "tests", "support", "fsdp_generate.py")
@@ -89,6 +93,7 @@ def test_generation_under_fsdp_equals_single_process(tiny, tmp_path):
     assert torch.equal(two[0], one[0]) and torch.equal(two[1], one[1])
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_completions(tiny, tmp_path):
     policy, _ = tiny
     letters = "abcdefghijklmnopqrstuvwxyz"  # a quarter of the random model's vocabulary: stops are frequent
@@ -109,6 +114,7 @@ def test_stop_tokens_end_completions(tiny, tmp_path):
         run_script("train_ppo.py", args + ["--stop-tokens", "<|nope|>", "--out", "o2"] + SMALL, tmp_path)
 
 
+@pytest.mark.slow
 def test_logps_are_those_of_the_sampling_distribution(tiny, tmp_path):
     """With --temperature 0.5 the rollout samples from softmax(logits / 0.5): old (and reference)
     log-probs must be of that distribution, or every update is off-policy by up to a nat."""
@@ -125,6 +131,7 @@ def test_logps_are_those_of_the_sampling_distribution(tiny, tmp_path):
     assert (((r["old_logps"] - want) * mask).abs().max() < 1e-5) and torch.equal(r["ref_logps"], r["old_logps"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [
     ["--loss", "cispo"],
     ["--loss", "sapo"],

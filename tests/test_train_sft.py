@@ -65,11 +65,13 @@ def two(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_one_vs_two_processes(single, two):
     assert_same_curves(single / "o", two / "o")
     assert_weights_close(weights(single / "o"), weights(two / "o"), 1e-4)
 
 
+@pytest.mark.slow
 def test_two_nodes_equal_two_processes(two, tmp_path):
     """The multi-node launch of the README: two torchrun agents (one per "node", here both on this
     machine) meeting at a c10d rendezvous. Same ranks, same arithmetic as --standalone: identical."""
@@ -88,12 +90,14 @@ def test_two_nodes_equal_two_processes(two, tmp_path):
     assert_weights_close(weights(two / "o"), weights(tmp_path / "o"), 0.0)
 
 
+@pytest.mark.slow
 def test_grad_accum_equals_bigger_batch(single, tmp_path):
     run(SMALL + ["--out", "o", "--batch-size", "2", "--grad-accum", "4"], tmp_path)
     assert_same_curves(single / "o", tmp_path / "o")
     assert_weights_close(weights(single / "o"), weights(tmp_path / "o"), 1e-4)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(single, tmp_path):
     run(SMALL + ["--out", "o", "--stop-after", "3"], tmp_path)
     assert max(losses(tmp_path / "o")) == 3
@@ -107,6 +111,7 @@ def test_resume_equals_uninterrupted(single, tmp_path):
     assert [m["step"] for m in metrics(tmp_path / "o") if "loss" in m] == [1, 2]
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_resumable_checkpoint(single, tmp_path):
     script = os.path.join(ROOT, "train_sft.py")
     args = SMALL[:1] + ["100000"] + SMALL[2:] + ["--out", "o"]
@@ -126,6 +131,7 @@ def test_sigterm_leaves_resumable_checkpoint(single, tmp_path):
     assert max(losses(tmp_path / "o")) == step + 2
 
 
+@pytest.mark.slow
 def test_malformed_jsonl_names_line_and_writes_nothing(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 3}\n')
@@ -135,6 +141,7 @@ def test_malformed_jsonl_names_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_saved_model_loads_in_transformers(single):
     transformers = pytest.importorskip("transformers")
     import model as M

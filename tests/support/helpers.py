@@ -1,7 +1,9 @@
 """Shared test utilities: run a training script as a subprocess (1 process or torchrun), read
-its metrics, and make a tiny model directory with the built-in task's tokenizer."""
+its metrics, make a tiny model directory with the built-in task's tokenizer, and write small
+synthetic preference data (train_dpo.py's and train_rm.py's tests)."""
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -41,3 +43,21 @@ def tiny_model_dir(path, seed=0, layers=2):
     m = M.Transformer(cfg)
     m.init_weights(seed=seed)
     return M.save_pretrained(m, path, tokenizer_dir=tdir)
+
+
+def write_pairs(path, n, seed):
+    """Synthetic preferences learnable from scratch in a few dozen steps: for "Pick a number",
+    chosen answers are made of the digits 1-4 and rejected ones of 6-9."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            x = "".join(rng.choice("1234") for _ in range(4))
+            y = "".join(rng.choice("6789") for _ in range(4))
+            f.write(json.dumps({"prompt": "Pick a number", "chosen": x, "rejected": y}) + "\n")
+    return str(path)
+
+
+def preference_setup(d):
+    """A tiny model and 256 training / 64 held-out synthetic pairs (new strings) in directory d."""
+    return {"model": tiny_model_dir(str(d / "init")), "train": write_pairs(d / "train.jsonl", 256, 0),
+            "eval": write_pairs(d / "eval.jsonl", 64, 1), "dir": d}
