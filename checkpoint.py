@@ -36,7 +36,7 @@ class RunError(ValueError):
 
 # What a --resume may change: where and how often the run reports, evaluates and saves, memory
 # placement and layout (activation checkpointing, CPU offload, --hsdp: DCP reshards a checkpoint
-# onto any mesh of the same world size, and of another one too, without the per-rank RNG), and the optimisation
+# onto any mesh; with another world size the per-rank RNG is not restored), and the optimisation
 # settings a run is resumed to change (a lower lr after a divergence, a longer schedule). Every
 # other field defines the model, the data, the algorithm or the batch shape: it must match.
 # --max-steps may grow, or shrink down to the checkpoint's step.
