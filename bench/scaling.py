@@ -64,12 +64,9 @@ def flops_per_token(m, algo, adapters, seq):
     by the causal mask); backward is two passes (one without weight gradients: LoRA/QLoRA); DPO adds
     the reference's forward."""
     c = m.cfg
-    n = sum(p.numel() for name, p in m.named_parameters() if "embed_tokens" not in name and "lora_" not in name)
-    if c.tie_word_embeddings:
-        n += c.vocab_size * c.hidden_size
-    n = n if adapters != "qlora" else sum(
-        (mod.in_features * mod.out_features for mod in m.modules() if isinstance(mod, nf4.NF4Linear))) \
-        + c.vocab_size * c.hidden_size
+    # the projections (plain or NF4) and the head; the adapters' matmuls are negligible
+    n = sum(mod.in_features * mod.out_features for name, mod in m.named_modules()
+            if isinstance(mod, (torch.nn.Linear, nf4.NF4Linear)) and "lora_" not in name)
     per_pass = 2 * n + 2 * c.num_layers * c.hidden_size * seq  # matmuls + attention (causal: half of QK^T and AV)
     passes = 3 if adapters == "" else 2
     return per_pass * (passes + (1 if algo == "dpo" else 0))
