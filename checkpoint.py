@@ -10,10 +10,14 @@ script's `dist` (rank, world, main).
 """
 import dataclasses
 import errno
+import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -308,11 +312,77 @@ def save_final(model, cfg, dist, tokenizer_dir, base_model=""):
     chunks = hf_state_chunks(model, dist)
     if dist.main:
         with writing(os.path.join(cfg.out, "model")):
-            path = M.save_pretrained(model, os.path.join(cfg.out, "model"), state_dict=chunks, tokenizer_dir=tokenizer_dir)
+            card = {"README.md": model_card(cfg, dist, base_model or tokenizer_dir, model.head)}
+            path = M.save_pretrained(model, os.path.join(cfg.out, "model"), state_dict=chunks, tokenizer_dir=tokenizer_dir,
+                                     extra_files=card)
         print(f"saved {path}", flush=True)
     for _ in chunks:  # the other ranks take part in each block's all-gather
         pass
     _barrier(dist)
+
+
+def model_card(cfg, dist, base_model, head):
+    """out/model/README.md: the Hub's front matter (base model, data, library, tags), then how the
+    model was made (the command, the data file's hash, the commit) and its final metrics, so the
+    directory uploads as it is (`hf upload`)."""
+    script = os.path.basename(sys.argv[0])
+    base = _model_id(base_model)
+    data = cfg.data or "the built-in task (data/task.py)"
+    algo = getattr(cfg, "algo", None) or getattr(cfg, "loss", None)
+    tags = ["nanotrl", script.removeprefix("train_").removesuffix(".py")] + ([algo] if algo else []) + \
+        (["lora"] if cfg.lora_r else []) + (["qlora"] if cfg.quantize else [])
+    launch = f"torchrun --nproc_per_node {dist.world} " if dist.world > 1 else "python "
+    final = _final_metrics(os.path.join(cfg.out, "metrics.jsonl"))
+    front = [f"base_model: {json.dumps(base)}", "datasets:", f"- {json.dumps(os.path.basename(data) if cfg.data else 'nanotrl-task')}",
+             "library_name: transformers", "pipeline_tag: " + ("text-generation" if head == "lm" else "text-classification"),
+             "tags:", *[f"- {t}" for t in tags]]
+    lines = ["---", *front, "---", "", f"# {os.path.basename(os.path.abspath(cfg.out))}", "",
+             f"`{base}` trained with nanotrl's `{script}`. It loads with `transformers` as it is "
+             f"(`AutoModelFor{'CausalLM' if head == 'lm' else 'SequenceClassification'}.from_pretrained`).", "",
+             "| | |", "|---|---|",
+             f"| command | `{launch}{shlex.join(sys.argv)}` |",
+             f"| data | `{data}`" + (f" (sha256 `{_sha256(cfg.data)}`)" if cfg.data and os.path.isfile(cfg.data) else "") + " |",
+             f"| nanotrl commit | `{_commit()}` |", f"| steps | {cfg.max_steps} |",
+             *[f"| {k} | {v:.6g} |" for k, v in final.items()], ""]
+    return "\n".join(lines)
+
+
+def _model_id(path):
+    """A Hub id for the base model: its config's `_name_or_path` when that is one, else the folder name."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            name = json.load(f).get("_name_or_path", "")
+    except (OSError, ValueError):
+        name = ""
+    return name if name.count("/") == 1 and not os.path.isabs(name) else os.path.basename(os.path.abspath(path))
+
+
+def _final_metrics(path):
+    """The last value of every metric in metrics.jsonl (the last step's and the final eval's)."""
+    out = {}
+    if os.path.exists(path):
+        for line in open(path, encoding="utf-8"):
+            out.update({k: v for k, v in json.loads(line).items() if isinstance(v, (int, float)) and k != "step"})
+    return out
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return head.stdout.strip() + (" with uncommitted changes" if dirty else "") if head.returncode == 0 else "unknown"
 
 
 def hf_state_chunks(model, dist):

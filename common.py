@@ -1,21 +1,16 @@
 """
-The plumbing every training script shares: the command-line config, process and distributed
-setup, model building (streamed loading, LoRA, NF4, FSDP2), the optimizer and its schedule, and
+The plumbing every training script shares: the entry point, process and distributed setup, model building (streamed loading, LoRA, NF4, FSDP2), the optimizer and its schedule, and
 progress/metrics logging. Checkpoints and the final export are in checkpoint.py, the forward
-helpers in forward.py, the loop skeleton in loop.py.
+helpers in forward.py, the loop skeleton in loop.py, the command-line config in config.py.
 
 Runs as one plain process (`python train_sft.py`) or under torchrun (gloo on CPU, NCCL on GPU); with
 more than one process the model is sharded with FSDP2 (`fully_shard` per block, then the root).
 """
-import argparse
 import atexit
 import ctypes
-import dataclasses
 import errno
-import inspect
 import math
 import os
-import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -27,65 +22,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import checkpoint
+import config
 import lora
 import model as M
 import nf4
 from data import cache, chat, formats
-
-
-# ----------------------------------------------------------------------------- config
-
-@dataclass
-class TrainConfig:
-    """Options every script shares (same names everywhere). Scripts extend this with their own."""
-    model: str = ""           # HF model directory; empty = the built-in task's model
-    data: str = ""            # JSONL file; empty = the built-in task
-    out: str = "runs/out"     # output directory: metrics.jsonl, checkpoints/, final HF model
-    max_steps: int = 200      # optimizer steps
-    batch_size: int = 16      # sequences per micro-batch per process
-    grad_accum: int = 1       # micro-batches per optimizer step
-    lr: float = 1e-3          # peak learning rate, reached after warmup
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10    # linear warmup from 0 to lr over N steps
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay (matrices only)
-    grad_clip: float = 1.0    # max global grad norm; 0 = off
-    max_length: int = 512     # tokens per sequence (longer examples are truncated, see data/)
-    seed: int = 0             # model init, data order and sampling
-    dtype: str = "auto"       # auto = bf16 on GPU, fp32 on CPU
-    grad_ckpt: bool = False   # activation checkpointing per block
-    log_every: int = 10       # progress line and metrics.jsonl every N steps
-    eval_every: int = 100     # evaluate every N steps; 0 = only at the start and the end
-    save_every: int = 0       # sharded checkpoint every N steps; 0 = only on SIGTERM and at --stop-after
-    stop_after: int = 0       # checkpoint and exit after this step (time-boxed jobs); 0 = off
-    resume: bool = False      # continue from the latest checkpoint in out/checkpoints
-    overwrite: bool = False   # start afresh in an --out that holds another run (deletes its checkpoints and model)
-    chunk_size: int = 256     # positions per chunk for log-probs over the vocabulary ([256, V] fp32 buffer)
-    chat_format: str = ""     # empty = the tokenizer's chat template, else a built-in format
-    system_prompt: str = ""   # inserted when a conversation has none
-    chat_template_kwargs: str = ""  # JSON object of chat template variables, e.g. '{"enable_thinking": false}' (data/chat.py)
-    lora_r: int = 0           # LoRA rank; 0 = full fine-tuning (lora.py)
-    lora_alpha: float = 16.0  # scaling = alpha / r: 1 at r 16, 2 at r 8 (PEFT's default 8 is 0.5 at r 16; recipes use r..2r)
-    lora_dropout: float = 0.0  # on the adapters' input (PEFT's default; >0 makes runs depend on the RNG)
-    lora_targets: str = "all-linear"  # PEFT target_modules: leaf names (q_proj,v_proj; GPT-2: c_attn,c_proj,c_fc)
-    use_rslora: bool = False  # scaling = alpha / sqrt(r) (rsLoRA)
-    data_cache: str = ""      # tokenized-data cache directory; empty = <data file>.cache beside each file (data/cache.py)
-    quantize: str = ""        # nf4: frozen base projections in 4-bit NormalFloat (QLoRA with --lora-r; nf4.py)
-    double_quant: bool = False  # with nf4: the per-block absmax constants in 8 bits too (QLoRA's double quantization)
-    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: parameters, gradients, optimizer state in host memory
-    hsdp: int = 0             # HSDP: FSDP2 on a 2-D mesh of N replica groups x world/N shards (one per node); 0 = FSDP
-    report_to: str = ""       # comma list: metrics.jsonl's records there too, from rank 0
-
-    # Allowed values of numeric flags (an unlisted one must be >= 0); scripts extend it, as CHOICES.
-    RANGES = {"max_steps": "[1, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "lr": "(0, inf)",
-              "min_lr_ratio": "[0, 1]", "max_length": "[1, inf)", "log_every": "[1, inf)", "chunk_size": "[1, inf)",
-              "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)"}
-    # The fields with a fixed set of values; a field in MULTI takes a comma list of them.
-    CHOICES = {"dtype": ("auto", "bf16", "fp32"), "chat_format": ("", "chatml", "llama3", "plain"),
-               "quantize": ("", "nf4"), "report_to": ("wandb", "tensorboard")}
-    MULTI = ("report_to",)
-    # Fields a script cannot honour, with the reason: the flag is refused, never ignored.
-    NOT_USED = {}
-
 
 # Flags naming files or directories that must exist (checked before anything is loaded or written).
 PATH_FLAGS = ("model", "ref_model", "teacher", "reward_model", "value_model", "data", "eval_data")
@@ -95,82 +36,10 @@ class UsageError(ValueError):
     """A user's mistake (a flag, a missing file or prerequisite): `run` prints it as one line."""
 
 
-def parse_config(cls, argv=None):
-    """Build a dataclass from `--field-name value` flags, checked against cls.RANGES and CHOICES;
-    `--help` lists every field with its default, allowed values and the comment on its line."""
-    p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (--help lists every flag)\n")  # not the usage block
-    comments = _field_comments(cls)
-    for f in dataclasses.fields(cls):
-        flag, about = checkpoint.flag(f.name), comments.get(f.name, "").replace("%", "%%")
-        choices = cls.CHOICES.get(f.name)
-        if f.name in cls.NOT_USED:
-            p.add_argument(flag, help=argparse.SUPPRESS, type=_refuse(f"not used by this script: {cls.NOT_USED[f.name]}"))
-        elif f.type in (bool, "bool"):
-            p.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=f.default, metavar="BOOL",
-                           help=f"{about} (default: %(default)s)")
-        elif choices:
-            shown = " | ".join(repr(c) if not c else c for c in choices)
-            what = f"comma list of {shown}" if f.name in cls.MULTI else f"one of {shown}"
-            p.add_argument(flag, default=f.default, help=f"{about} ({what}; default: %(default)r)")
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            rng = f"in {_range(cls, f.name)}; " if typ in (int, float) else ""
-            p.add_argument(flag, type=typ, default=f.default, help=f"{about} ({rng}default: %(default)r)")
-    cfg = cls(**vars(p.parse_args(argv)))
-    for f in dataclasses.fields(cls):
-        v, flag = getattr(cfg, f.name), checkpoint.flag(f.name)
-        if type(v) in (int, float) and not _in_range(v, _range(cls, f.name)):
-            p.error(f"{flag} {v}: expected a value in {_range(cls, f.name)}")
-        if f.name in cls.CHOICES:
-            given = [x for x in v.split(",") if x] if f.name in cls.MULTI else [v]
-            if bad := [x for x in given if x not in cls.CHOICES[f.name]]:
-                p.error(f"{flag} {bad[0]!r}: expected {'a comma list of ' if f.name in cls.MULTI else 'one of '}"
-                        f"{', '.join(repr(c) for c in cls.CHOICES[f.name])}")
-    return cfg
-
-
-def _refuse(reason):
-    def parse(_):
-        raise argparse.ArgumentTypeError(reason)
-    return parse
-
-
-def _range(cls, name):
-    return getattr(cls, "RANGES", {}).get(name, "[0, inf)")
-
-
-def _in_range(v, interval):
-    """v in an interval written "[lo, hi)", "(0, 1]"...; inf bounds are open; NaN is never in."""
-    lo, hi = (float(x) for x in interval[1:-1].split(","))
-    above = lo <= v if interval[0] == "[" else lo < v
-    below = v <= hi if interval[-1] == "]" else v < hi
-    return math.isfinite(v) and above and below
-
-
-def _field_comments(cls):
-    """{field: the comment on its line} over the class and its bases (a subclass's wins): --help's
-    descriptions, kept where a reader of the code sees them. (A default holding "#" would cut its
-    comment: none does.)"""
-    out = {}
-    for c in reversed(cls.__mro__[:-1]):  # not `object`
-        out.update({m[1]: m[2].strip() for m in re.finditer(r"^    (\w+): [^#\n]*#(.*)$", inspect.getsource(c), re.M)})
-    return out
-
-
-def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes"):
-        return True
-    if s.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
 def run(main, cls):
     """A script's entry point. A user's mistake (a flag, a file, a missing prerequisite, bad data,
     a diverged run, a full disk) is one line on stderr, exit status 2; our bugs keep their traceback."""
-    cfg = parse_config(cls)
+    cfg = config.parse_config(cls)
     try:
         main(cfg)
     except (UsageError, checkpoint.RunError, formats.DataError, FloatingPointError, OSError) as e:
@@ -216,7 +85,7 @@ def _malloc_mmap_threshold(nbytes=1 << 20):
         pass
 
 
-def setup(cfg: TrainConfig) -> Dist:
+def setup(cfg: config.TrainConfig) -> Dist:
     """One plain process, or one of torchrun's; checks the flags that depend on each other, the
     files they name and --out (read-only, before anything is loaded); seeds every RNG with the same
     seed on all ranks so fresh weights are identical before sharding."""
@@ -312,7 +181,7 @@ def _shard_part(part, dist: Dist):
     return fully_shard(part, mp_policy=mp, **kw)
 
 
-def load_model(path, cfg: TrainConfig, dist: Dist, head="lm", train=True, adapt=False, modules_to_save=(), seed=0,
+def load_model(path, cfg: config.TrainConfig, dist: Dist, head="lm", train=True, adapt=False, modules_to_save=(), seed=0,
                keep_layers=0):
     """An HF checkpoint loaded streamed, ready to train or score: built on the meta device, then each
     block is read (its tensors only), quantized (--quantize: a frozen model's projections, or a
@@ -340,7 +209,7 @@ def load_model(path, cfg: TrainConfig, dist: Dist, head="lm", train=True, adapt=
     return model
 
 
-def add_lora(model, cfg: TrainConfig, modules_to_save=(), part=None, generator=None):
+def add_lora(model, cfg: config.TrainConfig, modules_to_save=(), part=None, generator=None):
     """With --lora-r > 0: adapters on --lora-targets, all else frozen but `modules_to_save` (a reward
     model's / critic's fresh `score` head); after loading, before `shard`. --lora-r 0: untouched."""
     if cfg.lora_r == 0:
@@ -352,7 +221,7 @@ def add_lora(model, cfg: TrainConfig, modules_to_save=(), part=None, generator=N
         raise UsageError(str(e)) from None
 
 
-def load_tokenizer(model_dir, cfg: TrainConfig):
+def load_tokenizer(model_dir, cfg: config.TrainConfig):
     """The tokenizer and chat rendering --chat-format, --system-prompt, --chat-template-kwargs ask for."""
     try:
         return chat.load_tokenizer(model_dir, cfg.chat_format or None, cfg.system_prompt or None, cfg.chat_template_kwargs)
@@ -360,7 +229,7 @@ def load_tokenizer(model_dir, cfg: TrainConfig):
         raise UsageError(str(e)) from None
 
 
-def load_data(path, kind, tok, cfg: TrainConfig, dist: Dist, **settings):
+def load_data(path, kind, tok, cfg: config.TrainConfig, dist: Dist, **settings):
     """The tokenized examples of a JSONL file, memory-mapped from the data cache (tokenized into it
     first, the ranks sharing the work, if it is missing or stale): see data/cache.py."""
     def from_rank0(obj):
@@ -400,7 +269,7 @@ def unsharded(model):
 
 # ----------------------------------------------------------------------------- optimizer
 
-def make_optimizer(model, cfg: TrainConfig, lr=None):
+def make_optimizer(model, cfg: config.TrainConfig, lr=None):
     """AdamW; no weight decay on vectors (norms, biases), as usual. Fused (CUDA and CPU): one kernel
     per tensor, faster than foreach, without its model-sized temporaries."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -409,7 +278,7 @@ def make_optimizer(model, cfg: TrainConfig, lr=None):
     return torch.optim.AdamW(groups, lr=lr or cfg.lr, betas=(0.9, 0.95), fused=True)
 
 
-def lr_at(step, cfg: TrainConfig):
+def lr_at(step, cfg: config.TrainConfig):
     """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -417,7 +286,7 @@ def lr_at(step, cfg: TrainConfig):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def optimizer_step(model, opt, step, cfg: TrainConfig, lr=None, what="grad_norm"):
+def optimizer_step(model, opt, step, cfg: config.TrainConfig, lr=None, what="grad_norm"):
     """Set the lr (the schedule's, or a constant `lr`), clip, step, zero; returns the grad norm before clipping."""
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg) if lr is None else lr

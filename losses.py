@@ -41,12 +41,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):  # [N, D], [V, D], [N] long -> [N]
+    def forward(ctx, hidden, weight, labels, chunk_size):  # [N, D], [V, D], [B, T] long -> [B, T]
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for exact tests
         w = weight.to(dtype)
-        N = labels.numel()
-        logps = hidden.new_empty(labels.shape, dtype=dtype)
-        lse = torch.empty_like(logps)
+        N, shape, labels = labels.numel(), labels.shape, labels.reshape(-1)
+        # the output in the labels' shape, not a view of a flat one: FSDP2 warns about a module
+        # returning a view (an in-place op on it would skip its backward hook)
+        out = hidden.new_empty(shape, dtype=dtype)
+        logps, lse = out.view(-1), hidden.new_empty(N, dtype=dtype)
         buf = hidden.new_empty(min(chunk_size, N), w.shape[0], dtype=dtype)
         with _no_autocast(hidden):
             for s in range(0, N, chunk_size):
@@ -58,11 +60,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 logps[s:e] = picked - lse[s:e]
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk_size = chunk_size
-        return logps
+        return out
 
     @staticmethod
     def backward(ctx, grad_logps):
         hidden, weight, labels, lse = ctx.saved_tensors
+        grad_logps = grad_logps.reshape(-1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dtype, N, C = lse.dtype, labels.numel(), ctx.chunk_size
         w = weight.to(dtype)
@@ -99,9 +102,7 @@ def logprobs_from_hidden(hidden, lm_head_weight, labels, chunk_size=256):
     those positions is meaningless and masking it out is the caller's job.
     """
     labels = labels.clamp(min=0).long()
-    flat = _ChunkedLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight,
-                                  labels.reshape(-1), chunk_size)
-    return flat.view(labels.shape)
+    return _ChunkedLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, labels, chunk_size)
 
 
 def logprobs_from_logits(logits, labels):
@@ -127,7 +128,7 @@ def entropy_from_hidden(hidden, lm_head_weight, chunk_size=256):
     with _no_autocast(hidden):
         chunks = [entropy_from_logits(flat[s:s + chunk_size].to(dtype) @ w.T)
                   for s in range(0, flat.shape[0], chunk_size)]
-    return torch.cat(chunks).view(hidden.shape[:-1])
+    return torch.cat(chunks).reshape(hidden.shape[:-1]).clone()  # not a view: see _ChunkedLogprobs
 
 
 def generalized_jsd_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, beta=0.5,

@@ -12,8 +12,10 @@ Conventions: `attention_mask [B, T]` is 0 for padding and a positive *document i
 HF 0/1 mask works as is and packed rows (ids 1, 2, 3, ...) get a block-diagonal causal mask. Tokens
 attend to earlier tokens of the same document only.
 """
+import functools
 import json
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -399,14 +401,59 @@ READ_BYTES = 1 << 26  # a tensor is read in slices of about this many file bytes
 EMBEDDINGS = ("model.embed_tokens.weight", "wte.weight")  # the token embedding's names in HF files
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@functools.lru_cache(maxsize=64)
+def _header(file, size, mtime_ns):
+    """{name: (torch dtype, shape, first byte in the file)} of a safetensors file, after safe_open
+    has checked the header against the file (keyed by size and mtime: a rewritten file is re-read)."""
+    with safe_open(file, "pt"):
+        pass
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: (SAFETENSORS_DTYPES.get(v["dtype"]), v["shape"], 8 + n + v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _mapped_tensor(file, name, dtype):
+    """The tensor as a private (copy-on-write) memory map of its own bytes in the file, or None
+    when it must be copied (a dtype conversion, an odd dtype, a misaligned or empty tensor). Like
+    transformers' loader, nothing is read until it is used, and the pages are the result itself:
+    clean file pages the kernel can drop, no copy besides them; writes (training) copy only the
+    pages written. The map is released with the tensor (a quantized layer's fp32 weight with it)."""
+    st = os.stat(file)
+    header = _header(file, st.st_size, st.st_mtime_ns)
+    if name not in header:  # the sliced read below names the file in its error
+        return None
+    dt, shape, start = header[name]
+    if dt is None or (dtype is not None and dt.is_floating_point and dt != dtype) or start % dt.itemsize:
+        return None
+    numel = math.prod(shape)
+    if numel == 0:
+        return None
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    with open(file, "rb") as f:
+        buf = mmap.mmap(f.fileno(), start - base + numel * dt.itemsize, offset=base, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(buf, dtype=dt, count=numel, offset=start - base).view(shape)
+
+
 def read_tensor(file, name, device="cpu", dtype=None, shard=None):
-    """One checkpoint tensor, floating point ones in `dtype` (default: the file's). Read in row
+    """One checkpoint tensor, floating point ones in `dtype` (default: the file's). A whole tensor
+    on the CPU in the file's dtype is memory-mapped (_mapped_tensor). Otherwise it is read in row
     slices of about READ_BYTES, each through its own safe_open, so that neither the whole tensor in
     the file's dtype nor the file's mapped pages (which count in a process's RSS while mapped) are
     ever in memory besides the result. shard=(rank, world): only the rows of FSDP2's dim-0 shard
     `rank` (as torch.chunk) are read and written; on the CPU the other rows' pages are never
     touched, so they take no memory until fully_shard keeps the shard and frees the rest."""
     try:
+        if shard is None and torch.device(device).type == "cpu":
+            mapped = _mapped_tensor(file, name, dtype)
+            if mapped is not None:
+                return mapped
         with safe_open(file, "pt") as f:
             sl = f.get_slice(name)
             shape, first = sl.get_shape(), sl[:1]
@@ -531,10 +578,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
 
 
-def save_pretrained(model: Transformer, path, state_dict=None, tokenizer_dir=None, max_shard_bytes=5 * 2**30):
+def save_pretrained(model: Transformer, path, state_dict=None, tokenizer_dir=None, max_shard_bytes=5 * 2**30,
+                    extra_files=None):
     """Write an HF directory atomically (temp dir, then rename). `state_dict` overrides the model's
     own: a dict, or an iterable of dicts written as they come (a model gathered one block at a time
-    from FSDP shards: each shard file is written once full, so the whole state dict never exists)."""
+    from FSDP shards: each shard file is written once full, so the whole state dict never exists).
+    `extra_files`: {name: text} written beside the weights (the model card)."""
     chunks = [state_dict or model.state_dict()] if state_dict is None or isinstance(state_dict, dict) else state_dict
     with atomic_dir(path) as tmp:
         files, cur, size, total, dtype = [], {}, 0, 0, None
@@ -572,7 +621,23 @@ def save_pretrained(model: Transformer, path, state_dict=None, tokenizer_dir=Non
         for fname in TOKENIZER_FILES if tokenizer_dir else ():
             if os.path.exists(os.path.join(tokenizer_dir, fname)):
                 shutil.copy(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
+        for fname, text in (extra_files or {}).items():  # e.g. the model card, README.md
+            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
+                f.write(text)
     return os.path.abspath(path)
+
+
+def _umask_modes(root):
+    """The modes a plain mkdir and open would give (mkdtemp makes 0700; copied files keep their
+    source's): a server running as another user can read a saved model when the umask lets it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(d, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(d, name), 0o666 & ~umask)
 
 
 @contextmanager
@@ -585,6 +650,7 @@ def atomic_dir(path):
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
         yield tmp
+        _umask_modes(tmp)
         if os.path.exists(path):
             old = tmp + ".old"
             os.rename(path, old)

@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 import checkpoint
 import common
+import config
 import forward
 import losses
 import model as M
@@ -41,7 +42,7 @@ from loop import Loop, accumulate, micro_batches
 
 
 @dataclass
-class DistillConfig(common.TrainConfig):
+class DistillConfig(config.TrainConfig):
     """On-policy distillation (GKD)."""
     model: str = ""              # student init (HF dir); default: the built-in task's SFT model (runs/sft)
     teacher: str = ""            # teacher (HF dir, same tokenizer); default: the built-in task's GRPO model (runs/ppo)
@@ -58,8 +59,10 @@ class DistillConfig(common.TrainConfig):
     eval_samples: int = 256      # built-in task: held-out prompts for eval/accuracy
     max_new_tokens: int = 16     # length cap of the student's sampled completions (and of eval answers)
     max_prompt_length: int = 128  # prompt tokens kept (from the end)
-    RANGES = {**common.TrainConfig.RANGES, "lmbda": "[0, 1]", "beta": "[0, 1]", "temperature": "(0, inf)",
+    RANGES = {**config.TrainConfig.RANGES, "lmbda": "[0, 1]", "beta": "[0, 1]", "temperature": "(0, inf)",
               "max_new_tokens": "[1, inf)", "max_prompt_length": "[1, inf)"}
+    REAL_MODEL = {"lr": 2e-5, "batch_size": 8, "max_new_tokens": 128, "max_prompt_length": 512,  # TRL's GKDConfig
+                  "temperature": 0.9}
 
 
 def student_rows(student, prompts, tok, dist, cfg, step):

@@ -19,6 +19,7 @@ import torch
 
 import checkpoint
 import common
+import config
 import forward
 import lora
 import losses
@@ -30,7 +31,7 @@ AVERAGED = ("ipo", "sigmoid_norm", "simpo", "orpo")  # losses defined on length-
 
 
 @dataclass
-class DPOConfig(common.TrainConfig):
+class DPOConfig(config.TrainConfig):
     """Preference optimisation: DPO and its family. --loss: sigmoid robust ipo hinge nca_pair bco_pair
     sppo_hard apo_zero apo_down exo_pair sigmoid_norm aot aot_pair discopop (losses.dpo_loss), simpo orpo
     (reference-free) or kto (unpaired)."""
@@ -58,9 +59,10 @@ class DPOConfig(common.TrainConfig):
     max_new_tokens: int = 16    # built-in task: length cap of generated answers
     samples_per_prompt: int = 8  # built-in task: sampled answers per prompt to build pairs
     pair_prompts: int = 2000     # built-in task: training prompts sampled to build pairs
-    RANGES = {**common.TrainConfig.RANGES, "beta": "(0, inf)", "label_smoothing": "[0, 0.5]",
+    RANGES = {**config.TrainConfig.RANGES, "beta": "(0, inf)", "label_smoothing": "[0, 0.5]",
               "max_prompt_length": "[1, inf)", "max_new_tokens": "[1, inf)", "samples_per_prompt": "[1, inf)"}
-    CHOICES = {**common.TrainConfig.CHOICES, "loss": losses.DPO_LOSS_TYPES + REFERENCE_FREE + ("kto",)}
+    CHOICES = {**config.TrainConfig.CHOICES, "loss": losses.DPO_LOSS_TYPES + REFERENCE_FREE + ("kto",)}
+    REAL_MODEL = {**config.TrainConfig.REAL_MODEL, "lr": 1e-6, "beta": 0.1, "max_prompt_length": 512}  # TRL's DPOConfig
 
 
 def collate(rows, pad_id, cfg):

@@ -35,6 +35,7 @@ the loss).
 import importlib
 import inspect
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ import torch
 
 import checkpoint
 import common
+import config
 import forward
 import lora
 import losses
@@ -51,7 +53,7 @@ from loop import Loop, accumulate, micro_batches, sum_over_ranks
 
 
 @dataclass
-class PPOConfig(common.TrainConfig):
+class PPOConfig(config.TrainConfig):
     """Online RL: --algo ppo | grpo | rloo | reinforce_pp | online_dpo; --loss ppo | cispo | sapo;
     --importance-level token | sequence (GSPO); --kl-estimator k1 | k2 | k3; --kl-in-reward."""
     algo: str = "grpo"           # advantages / objective
@@ -60,7 +62,7 @@ class PPOConfig(common.TrainConfig):
     model: str = ""              # policy init (HF dir); default: the built-in task's SFT model (runs/sft)
     ref_model: str = ""          # KL reference; default: --model (with --lora-r: the policy with adapters off)
     out: str = "runs/ppo"
-    reward_fn: str = ""          # module:function(prompts, completions, **fields) -> floats; default: the task verifier
+    reward_fn: str = ""          # module:function(prompts, completions, **fields) -> floats; built-in task: its verifier
     reward_model: str = ""       # HF dir with a score head (overrides --reward-fn)
     value_model: str = ""        # PPO critic init; default: --reward-model, else the policy with a fresh head
     max_steps: int = 100         # rollout steps
@@ -99,16 +101,17 @@ class PPOConfig(common.TrainConfig):
     eval_samples: int = 256      # built-in task: held-out prompts for eval/accuracy
     log_every: int = 1
     record_rollout: str = ""     # save the first rollout's tensors (rank 0) to this file: tests, debugging
-    RANGES = {**common.TrainConfig.RANGES, "prompts_per_step": "[1, inf)", "group_size": "[1, inf)",
+    RANGES = {**config.TrainConfig.RANGES, "prompts_per_step": "[1, inf)", "group_size": "[1, inf)",
               "ppo_epochs": "[1, inf)", "minibatches": "[1, inf)", "value_lr": "(0, inf)", "clip_eps": "(0, inf)",
               "gamma": "[0, 1]", "lam": "[0, 1]", "top_p": "(0, 1]", "max_new_tokens": "[1, inf)",
               "max_prompt_length": "[1, inf)"}
-    CHOICES = {**common.TrainConfig.CHOICES, "algo": ("grpo", "rloo", "reinforce_pp", "ppo", "online_dpo"),
+    CHOICES = {**config.TrainConfig.CHOICES, "algo": ("grpo", "rloo", "reinforce_pp", "ppo", "online_dpo"),
                "loss": ("ppo", "cispo", "sapo"), "importance_level": ("token", "sequence"),
                "kl_estimator": ("", "k1", "k2", "k3"), "loss_agg": ("dapo", "grpo", "dr_grpo"),
                "dpo_loss": losses.DPO_LOSS_TYPES}
     NOT_USED = {"batch_size": "a rollout is --prompts-per-step x --group-size sequences per process",
                 "max_length": "prompts are cut at --max-prompt-length, completions at --max-new-tokens"}
+    REAL_MODEL = {"lr": 1e-6, "max_new_tokens": 256, "max_prompt_length": 512}  # TRL's GRPOConfig
 
 
 def check_flags(cfg: PPOConfig):
@@ -127,6 +130,10 @@ def check_flags(cfg: PPOConfig):
                                     "(prompts x group / minibatches / grad-accum) must be even")
         if not cfg.beta:
             raise common.UsageError("--algo online_dpo needs a reference: --beta > 0 (DPO's beta)")
+    if cfg.data and not (cfg.reward_fn or cfg.reward_model):
+        # the built-in verifier on other data scores every answer 0: nothing would be learned, silently
+        raise common.UsageError(f"--data {cfg.data} is not the built-in task: say how to score its completions with "
+                                "--reward-fn module:function (e.g. data.prepare_gsm8k:gsm8k_reward) or --reward-model DIR")
 
 
 def load_reward_fn(spec):
@@ -183,6 +190,17 @@ def score(samples, picked, cfg: PPOConfig, dist, reward_fn, rm):
         raw = torch.tensor(reward_fn([r["prompt"] for r in recs], samples.texts, **fields),
                            dtype=torch.float32, device=dist.device)
     return raw - cfg.missing_eos_penalty * (~samples.ended).float(), raw
+
+
+def flat_rewards(raw_scores, dist, step, streak, warn_after=3):
+    """The number of rollouts in a row whose rewards were all the same on every rank; at
+    `warn_after` it says so: group-relative advantages are then zero and the policy learns nothing."""
+    streak = streak + 1 if common.all_sum((raw_scores.max() - raw_scores.min()).item(), dist) == 0 else 0
+    if streak == warn_after:
+        common.print0(f"warning: step {step + 1}: every reward of the last {warn_after} rollouts was "
+                      f"{raw_scores[0].item():g}: no spread, so no advantage to learn from. Check what --reward-fn / "
+                      "--reward-model gives a few completions (metrics.jsonl: reward, reward_std)", file=sys.stderr)
+    return streak
 
 
 def whiten_over_ranks(x, mask, dist):
@@ -314,7 +332,9 @@ def update(rollout: Rollout, policy, opt, ref, critic, vopt, cfg: PPOConfig, dis
 def rollout_metrics(r: Rollout, cfg: PPOConfig, dist, t_gen, t_all):
     """Means over all ranks' rollouts, and throughput."""
     mask = r.samples.mask
-    kl = losses.kl_penalty(r.old_logps, r.ref_logps, "k1")  # per token, for the log
+    # KL(policy || reference) per completion token, logged as k3 = exp(d) - d - 1 with d = ref - policy
+    # log-prob: >= 0 on every token, unbiased like k1 = -d, whose mean goes negative on a small batch
+    kl = losses.kl_penalty(r.old_logps, r.ref_logps, "k3")
     metrics = {"reward": r.raw_scores.mean().item(), "reward_std": r.raw_scores.std().item(),
                "kl": losses.masked_mean(kl, mask).item(), "entropy": losses.masked_mean(r.entropy, mask).item(),
                "response_length": mask.sum(-1).mean().item(), "truncated": (~r.samples.ended).float().mean().item()}
@@ -385,6 +405,7 @@ def main(cfg: PPOConfig):
 
     # ---- loop: rollout -> score -> advantages -> update
     loop = Loop(cfg, dist, {"policy": (policy, opt), **({"critic": (critic, vopt)} if critic else {})}, evaluate)
+    flat = 0
     for step in loop:
         t0 = time.time()
         picked = [prompts[i] for i in batching.batch_indices(len(prompts), cfg.prompts_per_step, cfg.seed, step,
@@ -392,6 +413,7 @@ def main(cfg: PPOConfig):
         samples = sample(policy, tok, picked, cfg, dist, step)
         t_gen = time.time() - t0
         scores, raw_scores = score(samples, picked, cfg, dist, reward_fn, rm)
+        flat = flat_rewards(raw_scores, dist, step, flat)
         rollout = advantages(samples, scores, raw_scores, policy, ref, critic, cfg, dist, kl_in_reward, kl_estimator)
         if cfg.record_rollout and step == loop.start and dist.main:
             record(rollout, cfg.record_rollout)

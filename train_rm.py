@@ -15,6 +15,7 @@ import torch
 
 import checkpoint
 import common
+import config
 import forward
 import losses
 from data import batching, chat, formats, task
@@ -22,7 +23,7 @@ from loop import Loop, accumulate, micro_batches
 
 
 @dataclass
-class RMConfig(common.TrainConfig):
+class RMConfig(config.TrainConfig):
     """Reward model (Bradley-Terry)."""
     model: str = ""            # init (HF causal LM or reward model); default: the built-in task's SFT model (runs/sft)
     out: str = "runs/rm"
@@ -38,8 +39,9 @@ class RMConfig(common.TrainConfig):
     samples_per_prompt: int = 8  # built-in task: sampled answers per prompt to build pairs
     pair_prompts: int = 2000     # built-in task: training prompts sampled to build pairs
     max_new_tokens: int = 16     # built-in task: length cap of the sampled answers
-    RANGES = {**common.TrainConfig.RANGES, "max_prompt_length": "[1, inf)", "samples_per_prompt": "[1, inf)",
+    RANGES = {**config.TrainConfig.RANGES, "max_prompt_length": "[1, inf)", "samples_per_prompt": "[1, inf)",
               "max_new_tokens": "[1, inf)"}
+    REAL_MODEL = {**config.TrainConfig.REAL_MODEL, "lr": 1e-4, "max_prompt_length": 512}  # TRL's RewardConfig
 
 
 def main(cfg: RMConfig):

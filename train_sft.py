@@ -16,6 +16,7 @@ import torch
 
 import checkpoint
 import common
+import config
 import forward
 import losses
 import model as M
@@ -24,7 +25,7 @@ from loop import Loop, accumulate
 
 
 @dataclass
-class SFTConfig(common.TrainConfig):
+class SFTConfig(config.TrainConfig):
     """Supervised fine-tuning (SFT)."""
     model: str = ""            # HF model directory; built-in task: a tiny model from scratch (with --lora-r: runs/sft_base)
     out: str = "runs/sft"
@@ -38,7 +39,7 @@ class SFTConfig(common.TrainConfig):
     max_new_tokens: int = 16   # built-in task: length cap of generated answers (eval/accuracy)
     packing: bool = False      # pack short examples into rows of max_length tokens
     train_on_prompt: bool = False  # learn the prompt tokens too
-    RANGES = {**common.TrainConfig.RANGES, "max_new_tokens": "[1, inf)"}
+    RANGES = {**config.TrainConfig.RANGES, "max_new_tokens": "[1, inf)"}
 
 
 def sft_batches(examples, cfg, dist, step, pad_id):

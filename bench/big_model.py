@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import config  # noqa: E402
 import forward  # noqa: E402
 import lora  # noqa: E402
 import losses  # noqa: E402
@@ -78,7 +79,7 @@ p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_clas
 p.add_argument("--shape", default="llama3.2-1b", choices=sorted(SHAPES))
 p.add_argument("--algo", default="dpo", choices=["dpo", "load"])
 p.add_argument("--quantize", default="", help="nf4 or empty")
-p.add_argument("--double-quant", type=common._parse_bool, default=False)
+p.add_argument("--double-quant", type=config._parse_bool, default=False)
 p.add_argument("--lora-r", type=int, default=0)
 p.add_argument("--steps", type=int, default=2)
 p.add_argument("--prompt-len", type=int, default=128)
@@ -90,7 +91,7 @@ a = p.parse_args()
 hf = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "rms_norm_eps": 1e-5,
       "max_position_embeddings": 8192, "rope_theta": 500000.0, "hidden_act": "silu", "torch_dtype": "bfloat16",
       **SHAPES[a.shape], **({"num_hidden_layers": a.layers} if a.layers else {})}
-cfg = common.TrainConfig(lr=1e-5, warmup_steps=0, max_steps=10**9, grad_ckpt=True, lora_r=a.lora_r,
+cfg = config.TrainConfig(lr=1e-5, warmup_steps=0, max_steps=10**9, grad_ckpt=True, lora_r=a.lora_r,
                          quantize=a.quantize, double_quant=a.double_quant)
 dist = common.setup(cfg)
 

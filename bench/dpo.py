@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import config  # noqa: E402
 import forward  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
@@ -68,7 +69,7 @@ for _ in range(a.steps):  # the same prompt for chosen and rejected, as TRL's be
     batches.append(train_dpo.collate([{"prompt_ids": prompt[i], "chosen_ids": resp[i], "rejected_ids": resp[a.batch + i]}
                                       for i in range(a.batch)], 0, layout))
 dist = common.Dist(rank=0, world=1, device=torch.device("cpu"), autocast_dtype=None)
-opt = common.make_optimizer(policy, common.TrainConfig(lr=1e-4))  # train_dpo.py's AdamW
+opt = common.make_optimizer(policy, config.TrainConfig(lr=1e-4))  # train_dpo.py's AdamW
 
 
 def seq_logps(m, batch):  # exactly train_dpo.py's path: only answer positions go through the LM head

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import config  # noqa: E402
 import forward  # noqa: E402
 import lora  # noqa: E402
 import losses  # noqa: E402
@@ -52,8 +53,8 @@ p.add_argument("--batch", type=int, default=8, help="SFT rows / DPO pairs per st
 p.add_argument("--steps", type=int, default=10, help="timed steps")
 p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
 p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
-p.add_argument("--grad-ckpt", type=common._parse_bool, default=False)
-p.add_argument("--chunk-size", type=int, default=common.TrainConfig.chunk_size)
+p.add_argument("--grad-ckpt", type=config._parse_bool, default=False)
+p.add_argument("--chunk-size", type=int, default=config.TrainConfig.chunk_size)
 p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = torch's default")
 p.add_argument("--layers", type=int, default=0, help="override the shape's number of layers (0 = as the shape)")
 p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on every projection (alpha 16); DPO's reference is "
@@ -62,7 +63,7 @@ a = p.parse_args()
 if a.threads:
     torch.set_num_threads(a.threads)
 
-cfg = common.TrainConfig(dtype=a.dtype, lr=1e-5, warmup_steps=0, max_steps=10**9, grad_ckpt=a.grad_ckpt, lora_r=a.lora_r)
+cfg = config.TrainConfig(dtype=a.dtype, lr=1e-5, warmup_steps=0, max_steps=10**9, grad_ckpt=a.grad_ckpt, lora_r=a.lora_r)
 dist = common.setup(cfg)
 dev = dist.device
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

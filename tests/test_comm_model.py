@@ -10,6 +10,8 @@ from collections import Counter
 import pytest
 
 import common
+
+import config
 from helpers import ROOT, run_script, tiny_model_dir
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -23,7 +25,7 @@ def tiny(tmp_path_factory):
 
 
 def predicted(path, world, mode, hsdp, accum):
-    cfg = common.TrainConfig(dtype="fp32", lora_r=4 if "lora" in mode else 0, quantize="nf4" if mode == "qlora" else "")
+    cfg = config.TrainConfig(dtype="fp32", lora_r=4 if "lora" in mode else 0, quantize="nf4" if mode == "qlora" else "")
     d = common.Dist(0, 1, common.torch.device("cpu"), None)
     policy = common.load_model(path, cfg, d, adapt=True)
     frozen = [common.load_model(path, cfg, d, train=False)] if mode == "dpo" else []

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+
+import config
 import lora
 import model as M
 import train_rm
@@ -188,7 +189,7 @@ def test_rm_adapter_and_score_head_load_in_peft(base, tmp_path):
     args = ["--model", base, "--data", write_pairs(tmp_path / "p.jsonl", 64, 0), "--out", str(tmp_path / "rm"),
             "--max-steps", "3", "--batch-size", "8", "--warmup-steps", "1", "--eval-every", "0", "--lr", "1e-2",
             "--lora-r", "4", "--lora-targets", "q_proj,v_proj"]
-    train_rm.main(common.parse_config(train_rm.RMConfig, args))
+    train_rm.main(config.parse_config(train_rm.RMConfig, args))
     cfg = json.load(open(tmp_path / "rm" / "adapter" / "adapter_config.json"))
     assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"] and cfg["base_model_name_or_path"] == base
     hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import common
+import config
 import lora
 import model as M
 import nf4
@@ -111,10 +112,10 @@ def test_bad_quantize_flags(capsys):
     for flags, message in [(dict(quantize="nf4"), "needs --lora-r"),
                            (dict(double_quant=True), "needs --quantize nf4"), (dict(cpu_offload=True), "needs a GPU")]:
         with pytest.raises(ValueError, match=message):
-            common.setup(common.TrainConfig(**flags))
+            common.setup(config.TrainConfig(**flags))
     # an unknown --quantize is refused by the flag parser (TrainConfig.CHOICES)
     with pytest.raises(SystemExit):
-        common.parse_config(common.TrainConfig, ["--quantize", "int4", "--lora-r", "8"])
+        config.parse_config(config.TrainConfig, ["--quantize", "int4", "--lora-r", "8"])
     assert "--quantize 'int4': expected one of '', 'nf4'" in capsys.readouterr().err
 
 
@@ -132,7 +133,7 @@ def test_frozen_embedding_keeps_a_bf16_checkpoints_dtype(tmp_path, tied):
     path = M.save_pretrained(m.to(torch.bfloat16), tmp_path / "bf16")
     want = M.from_pretrained(path)  # fp32 throughout
     ids = torch.randint(1, 30, (2, 9), generator=torch.Generator().manual_seed(0))
-    cfg = common.TrainConfig(dtype="fp32", out=str(tmp_path / "o"), quantize="", lora_r=4)
+    cfg = config.TrainConfig(dtype="fp32", out=str(tmp_path / "o"), quantize="", lora_r=4)
     d = common.setup(cfg)
     for kw in ({"adapt": True}, {"train": False}):
         got = common.load_model(path, cfg, d, **kw)
@@ -141,5 +142,5 @@ def test_frozen_embedding_keeps_a_bf16_checkpoints_dtype(tmp_path, tied):
         with torch.no_grad():
             assert torch.equal(got(ids), want(ids))
         assert all(v.dtype == torch.float32 for c in checkpoint.hf_state_chunks(got, d) for v in c.values())
-    full = common.load_model(path, common.TrainConfig(dtype="fp32", out=str(tmp_path / "o")), d)  # trained: fp32
+    full = common.load_model(path, config.TrainConfig(dtype="fp32", out=str(tmp_path / "o")), d)  # trained: fp32
     assert full.model.embed_tokens.weight.dtype == torch.float32

@@ -11,6 +11,7 @@ import torch
 
 import checkpoint
 import common
+import config
 import model as M
 import train_ppo
 import train_sft
@@ -32,7 +33,7 @@ def here(tmp_path, monkeypatch):
 
 
 def sft(*args):
-    train_sft.main(common.parse_config(train_sft.SFTConfig, [str(a) for a in args]))
+    train_sft.main(config.parse_config(train_sft.SFTConfig, [str(a) for a in args]))
 
 
 def steps(out):
@@ -79,7 +80,7 @@ def test_runs_never_mix(here, capsys):
 def load_weights(ckpt, tdir):
     model = M.Transformer(M.read_config(tdir))
     model.init_weights(seed=1)
-    opt = common.make_optimizer(model, common.TrainConfig())
+    opt = common.make_optimizer(model, config.TrainConfig())
     checkpoint.load_checkpoint(ckpt, common.Dist(0, 1, torch.device("cpu"), None), {"model": (model, opt)})
     return model
 
@@ -105,7 +106,7 @@ def test_ppo_nan_stops_before_the_optimizer_step(here, flag, quantity):
             "--group-size", "4", "--minibatches", "2", "--max-new-tokens", "4", "--eval-every", "0", "--eval-samples", "4",
             "--algo", "ppo"]
     with pytest.raises(FloatingPointError, match=f"step 1: {quantity} is nan"):
-        train_ppo.main(common.parse_config(train_ppo.PPOConfig, args))
+        train_ppo.main(config.parse_config(train_ppo.PPOConfig, args))
 
 
 def test_never_saves_nonfinite_weights(here):
@@ -115,7 +116,7 @@ def test_never_saves_nonfinite_weights(here):
         model.model.norm.weight[3] = float("inf")
     dist = common.Dist(0, 1, torch.device("cpu"), None)
     with pytest.raises(FloatingPointError, match="model.norm.weight"):
-        checkpoint.save_checkpoint("o", 7, dist, {"model": (model, common.make_optimizer(model, common.TrainConfig()))})
+        checkpoint.save_checkpoint("o", 7, dist, {"model": (model, common.make_optimizer(model, config.TrainConfig()))})
     assert not (here / "o").exists()
 
 
@@ -229,7 +230,7 @@ def test_full_disk_names_the_path(here, monkeypatch):
     (train_ppo.PPOConfig, "--top-p", "1.5")])
 def test_flags_out_of_range_are_refused(cls, flag, value, capsys):
     with pytest.raises(SystemExit):
-        common.parse_config(cls, [flag, value, "--out", "never"])
+        config.parse_config(cls, [flag, value, "--out", "never"])
     assert f"{flag} {value}: expected a value in" in capsys.readouterr().err
     assert not os.path.exists("never")
 
@@ -239,12 +240,12 @@ def test_help_shows_defaults_and_descriptions(script, capsys):
     import importlib
 
     mod = importlib.import_module(script)
-    cls = next(v for k, v in vars(mod).items() if k.endswith("Config") and v is not common.TrainConfig)
+    cls = next(v for k, v in vars(mod).items() if k.endswith("Config") and v is not config.TrainConfig)
     with pytest.raises(SystemExit):
-        common.parse_config(cls, ["--help"])
+        config.parse_config(cls, ["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(in [1, inf); default: " in text
-    comments = common._field_comments(cls)
+    comments = config._field_comments(cls)
     for f in __import__("dataclasses").fields(cls):  # every flag has a description and shows its default
         if f.name in cls.NOT_USED:  # refused by this script's parser, so not listed
             assert f"--{f.name.replace('_', '-')} " not in text, f.name
@@ -268,13 +269,13 @@ def test_rl_records_are_checked_at_load_time(here):
     policy = tiny_model_dir(str(here / "m"))
     ok = {"prompt": "What is 1+2?", "answer": "3"}
     (here / "rl.jsonl").write_text(json.dumps(ok) + "\n" + json.dumps({"prompt": "What is 2+2?"}) + "\n")
-    args = ["--model", policy, "--data", "rl.jsonl", "--out", "o"]
+    args = ["--model", policy, "--data", "rl.jsonl", "--reward-fn", "data.task:reward_fn", "--out", "o"]
     with pytest.raises(formats.DataError, match=r"rl.jsonl:2: missing field 'answer', which the reward function"):
-        train_ppo.main(common.parse_config(train_ppo.PPOConfig, args))
+        train_ppo.main(config.parse_config(train_ppo.PPOConfig, args))
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "3"}]
     (here / "rl.jsonl").write_text(json.dumps(ok) + "\n" + json.dumps({"prompt": turns, "answer": "3"}) + "\n")
     with pytest.raises(formats.DataError, match=r"rl.jsonl:2: field 'prompt': ends with an assistant message"):
-        train_ppo.main(common.parse_config(train_ppo.PPOConfig, args))
+        train_ppo.main(config.parse_config(train_ppo.PPOConfig, args))
     assert not (here / "o").exists()
     assert train_ppo.load_reward_fn("data.task:reward_fn")[1] == ["answer"]
 

@@ -8,6 +8,8 @@ import sys
 import pytest
 
 import common
+
+import config
 import loop
 import plot
 import sweep
@@ -112,7 +114,7 @@ def test_plot_curves_and_png(tmp_path):
 
 
 def logger(tmp_path, report_to, start_step=0, rank=0):
-    cfg = common.TrainConfig(out=str(tmp_path), report_to=report_to, max_steps=4)
+    cfg = config.TrainConfig(out=str(tmp_path), report_to=report_to, max_steps=4)
     return loop.Logger(cfg, common.Dist(rank, 2, None, None), start_step)
 
 
@@ -168,7 +170,7 @@ def test_report_to_wandb_sends_the_same_records_from_rank_0(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_loggers_are_imported_only_when_asked(tmp_path, capsys):
     code = (f"import sys, common, loop, train_sft, train_dpo, train_ppo, train_rm, train_distill\n"
-            f"log = loop.Logger(common.TrainConfig(out={str(tmp_path)!r}), common.Dist(0, 1, None, None))\n"
+            f"log = loop.Logger(config.TrainConfig(out={str(tmp_path)!r}), common.Dist(0, 1, None, None))\n"
             "log.log(1, {'loss': 1.0})\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'tensorboard', 'tensorboardX')"
             " or m.startswith('torch.utils.tensorboard')))\n")
@@ -176,5 +178,5 @@ def test_loggers_are_imported_only_when_asked(tmp_path, capsys):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "[]"
     with pytest.raises(SystemExit):  # an unknown name is refused by the flag parser (TrainConfig.CHOICES/MULTI)
-        common.parse_config(common.TrainConfig, ["--report-to", "wandb,mlflow"])
+        config.parse_config(config.TrainConfig, ["--report-to", "wandb,mlflow"])
     assert "--report-to 'mlflow'" in capsys.readouterr().err

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-import common
+
+import config
 import losses
 import model as M
 import train_distill
@@ -33,7 +34,7 @@ def args(setup, out, *extra):
 @pytest.mark.slow
 def test_loss_is_generalized_jsd_of_the_two_models(setup, tmp_path):
     out = tmp_path / "o"
-    train_distill.main(common.parse_config(train_distill.DistillConfig,
+    train_distill.main(config.parse_config(train_distill.DistillConfig,
                                            args(setup, out, "--lmbda", "0", "--beta", "0.3", "--temperature", "2")))
     loss = series(out, "loss")
     assert sorted(loss) == [1, 2, 3] and loss[3] < loss[1]
@@ -53,7 +54,7 @@ def test_loss_is_generalized_jsd_of_the_two_models(setup, tmp_path):
 @pytest.mark.slow
 def test_on_policy_and_smaller_student(setup, tmp_path):
     out = tmp_path / "o"
-    train_distill.main(common.parse_config(train_distill.DistillConfig,
+    train_distill.main(config.parse_config(train_distill.DistillConfig,
                                            args(setup, out, "--lmbda", "1", "--beta", "1", "--student-layers", "1")))
     assert [m["on_policy"] for m in map(json.loads, open(out / "metrics.jsonl"))] == [1.0] * 3
     saved = M.from_pretrained(out / "model")

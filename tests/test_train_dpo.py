@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import common
+
+import config
 import forward
 import losses
 import model as M
@@ -26,7 +28,7 @@ def dpo(setup, out, *extra, steps=3):
     args = ["--model", setup["model"], "--data", setup["train"], "--eval-data", setup["eval"], "--out", str(out),
             "--max-steps", str(steps), "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1",
             "--eval-every", "0", "--lr", "1e-3", "--rpo-alpha", "0", *extra]  # plain DPO unless asked
-    train_dpo.main(common.parse_config(train_dpo.DPOConfig, args))
+    train_dpo.main(config.parse_config(train_dpo.DPOConfig, args))
     return out
 
 
@@ -43,7 +45,7 @@ def test_every_loss_trains(setup, tmp_path, loss):
 
 def test_help_lists_every_loss(capsys):
     with pytest.raises(SystemExit):
-        common.parse_config(train_dpo.DPOConfig, ["--help"])
+        config.parse_config(train_dpo.DPOConfig, ["--help"])
     words = set(capsys.readouterr().out.split())
     assert set(losses.DPO_LOSS_TYPES) | {"simpo", "orpo", "kto"} <= words and "--discopop-tau" in words
 

@@ -4,7 +4,8 @@ model learns the held-out preferences, and its saved score head loads in transfo
 import pytest
 import torch
 
-import common
+
+import config
 import model as M
 import train_rm
 from helpers import preference_setup, series
@@ -20,7 +21,7 @@ def test_reward_model_matches_transformers(setup, tmp_path):
     transformers = pytest.importorskip("transformers")
     args = ["--model", setup["model"], "--data", setup["train"], "--eval-data", setup["eval"], "--out", str(tmp_path / "rm"),
             "--max-steps", "20", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "5", "--eval-every", "0", "--lr", "3e-3"]
-    train_rm.main(common.parse_config(train_rm.RMConfig, args))
+    train_rm.main(config.parse_config(train_rm.RMConfig, args))
     assert series(tmp_path / "rm", "eval/accuracy")[20] > 0.8
     d = tmp_path / "rm" / "model"
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval()

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import common
+
+import config
 import model as M
 import train_distill
 import train_dpo
@@ -23,7 +25,7 @@ SCRIPTS = {"sft": train_sft, "rm": train_rm, "dpo": train_dpo, "ppo": train_ppo,
 
 
 def config_class(mod):
-    return next(v for k, v in vars(mod).items() if k.endswith("Config") and v is not common.TrainConfig)
+    return next(v for k, v in vars(mod).items() if k.endswith("Config") and v is not config.TrainConfig)
 
 
 def run(name, args, monkeypatch, capsys):
@@ -102,7 +104,7 @@ def test_a_mistake_from_the_command_line_prints_no_traceback(tmp_path):
 
 def test_help_shows_the_allowed_values(capsys):
     with pytest.raises(SystemExit):
-        common.parse_config(train_ppo.PPOConfig, ["--help"])
+        config.parse_config(train_ppo.PPOConfig, ["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "one of grpo | rloo | reinforce_pp | ppo | online_dpo" in text
     assert "comma list of wandb | tensorboard" in text

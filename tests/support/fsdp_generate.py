@@ -9,11 +9,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import common  # noqa: E402
+import config  # noqa: E402
 import model as M  # noqa: E402
 from data import batching, chat  # noqa: E402
 
 path, out = sys.argv[1], sys.argv[2]
-d = common.setup(common.TrainConfig(dtype="fp32"))
+d = common.setup(config.TrainConfig(dtype="fp32"))
 tok = chat.load_tokenizer(path)
 m = common.shard(M.from_pretrained(path), d, train=False)
 prompts = [chat.tokenize_prompt({"prompt": f"What is {a}+{b}?"}, tok, 64) for a, b in [(1, 2), (34, 56), (7, 89), (90, 9)]]

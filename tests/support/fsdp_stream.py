@@ -11,12 +11,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import checkpoint  # noqa: E402
 import common  # noqa: E402
+import config  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 
 path, out, double_quant = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 M.READ_BYTES = 300  # every matrix read in many row slices, as a big checkpoint's are
-cfg = common.TrainConfig(dtype="fp32", out=out)
+cfg = config.TrainConfig(dtype="fp32", out=out)
 d = common.setup(cfg)
 ids = torch.randint(1, 30, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -31,7 +32,7 @@ result["plain_bytes"] = local_bytes(plain)  # before forward: the root keeps its
 with torch.no_grad():
     result["plain"] = plain(ids).tolist()
 del plain
-qcfg = common.TrainConfig(dtype="fp32", out=out, quantize="nf4", double_quant=double_quant, lora_r=4, lora_alpha=8)
+qcfg = config.TrainConfig(dtype="fp32", out=out, quantize="nf4", double_quant=double_quant, lora_r=4, lora_alpha=8)
 q = common.load_model(path, qcfg, d, adapt=True)
 result["qlora_bytes"] = local_bytes(q)
 with torch.no_grad():

@@ -15,6 +15,7 @@ import torch.distributed as td
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import common  # noqa: E402
+import config  # noqa: E402
 import forward  # noqa: E402
 from data import batching  # noqa: E402
 
@@ -41,7 +42,7 @@ for op in ("all_gather_single", "reduce_scatter_single", "all_reduce"):
     setattr(td, op, recording(op))
 
 path, result, mode, hsdp, accum = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-cfg = common.TrainConfig(dtype="fp32", out=os.path.dirname(result), hsdp=hsdp, lora_r=4 if "lora" in mode else 0,
+cfg = config.TrainConfig(dtype="fp32", out=os.path.dirname(result), hsdp=hsdp, lora_r=4 if "lora" in mode else 0,
                          quantize="nf4" if mode == "qlora" else "")
 d = common.setup(cfg)
 policy = common.load_model(path, cfg, d, adapt=True)
