@@ -79,6 +79,7 @@ class Samples:
     prompt_len: int       # P
     texts: list           # the completions decoded, special tokens skipped
     ended: torch.Tensor   # [N] bool: the completion emitted a stop token (else it was cut at the length cap)
+    episodes: object = None  # multi-turn: agent.Episodes (mask then marks the model's turns only)
 
 
 def generate(model, tok, prompts, dist, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None) -> Samples:
@@ -144,8 +145,8 @@ def completion_values(critic, samples: Samples, dist, rows=None):
 
 
 def reward_model_scores(rm, samples: Samples, dist):
-    """A reward model's score [N] of each sequence, read at its last completion token (prompts are
-    left-padded, so that is P + length - 1)."""
-    last = samples.prompt_len + samples.mask.sum(-1).long() - 1
+    """A reward model's score [N] of each sequence, read at its last real token (prompts are
+    left-padded and the rest right-padded: the last position where attn is 1)."""
+    last = samples.attn.shape[1] - 1 - samples.attn.flip(-1).argmax(-1)
     with common.autocast(dist):
         return rm(samples.seqs, samples.attn)[torch.arange(len(last), device=dist.device), last].float()

@@ -449,7 +449,10 @@ def masked_whiten(x, mask, shift_mean=True, mean=None, var=None):
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """Generalized Advantage Estimation (Schulman et al., 2016) for right-padded sequences.
+    """Generalized Advantage Estimation (Schulman et al., 2016) for right-padded sequences, over
+    the masked positions only: a multi-turn episode's mask has holes (tool results, template
+    glue) that are not the model's actions, and the recursion steps over them (t+1 = the next
+    masked position), as if they were not there.
 
     rewards [B, T] per-token rewards (in RLHF: -kl_coef * KL per token, plus the reward model's
     score on the last completion token), values [B, T] critic values, mask [B, T] right-padded
@@ -466,16 +469,19 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     next_value = torch.zeros_like(values[:, 0])
     next_adv = torch.zeros_like(values[:, 0])
     for t in reversed(range(T)):
+        m = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        advantages[:, t] = next_adv
-        next_value = values[:, t]
+        adv = (delta + gamma * lam * next_adv) * m
+        advantages[:, t] = adv
+        next_adv = torch.where(m > 0, adv, next_adv)  # a hole keeps the later position's values
+        next_value = torch.where(m > 0, values[:, t], next_value)
     return advantages, (advantages + values) * mask
 
 
 def discounted_returns(rewards, mask, gamma=1.0):
     """Returns-to-go of right-padded per-token rewards: G_t = r_t + gamma * G_{t+1}, zero after the
-    last valid token. rewards, mask [B, T] -> [B, T], zero outside the mask.
+    last valid token. rewards, mask [B, T] -> [B, T], zero outside the mask; t+1 is the next masked
+    position (holes in a multi-turn mask are stepped over, as in `gae`).
 
     REINFORCE++'s advantages before normalisation (Hu, 2025): with the KL penalty in the
     per-token rewards and the (baselined) score on the last token, G_t is the score minus the
@@ -486,8 +492,9 @@ def discounted_returns(rewards, mask, gamma=1.0):
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = (rewards[:, t] + gamma * running) * mask[:, t]
-        out[:, t] = running
+        m = mask[:, t]
+        out[:, t] = (rewards[:, t] + gamma * running) * m
+        running = torch.where(m > 0, out[:, t], running)
     return out
 
 

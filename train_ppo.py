@@ -32,6 +32,7 @@ default; GRPO/RLOO subtract the sequence's summed KL from its score) or into the
 RLOO by default), with any estimator (--kl-estimator k1|k2|k3; default k1 in the reward, k3 in
 the loss).
 """
+import dataclasses
 import importlib
 import inspect
 import os
@@ -42,13 +43,14 @@ from dataclasses import dataclass
 
 import torch
 
+import agent
 import checkpoint
 import common
 import config
 import forward
 import lora
 import losses
-from data import batching, formats, task
+from data import batching, task
 from loop import Loop, accumulate, micro_batches, sum_over_ranks
 
 
@@ -97,6 +99,12 @@ class PPOConfig(config.TrainConfig):
     max_prompt_length: int = 128  # prompt tokens kept (from the end)
     missing_eos_penalty: float = 0.0  # subtracted from the score of completions that never emitted EOS
     stop_tokens: str = ""        # more tokens that end a completion, comma-separated (EOS and end-of-turn always do)
+    tools: str = ""              # multi-turn: functions the model may call, module:function,... (agent.py; agent:calculator)
+    env: str = ""                # multi-turn: an environment class, module:Class (agent.py's reset/step protocol)
+    max_tool_calls: int = 4      # --tools: calls per episode; a turn asking for more ends the episode unanswered
+    max_turns: int = 0           # multi-turn: model turns per episode (each up to --max-new-tokens); 0 = --max-tool-calls + 1
+    tool_timeout: float = 5.0    # --tools: seconds a call may run; then its error message is the result
+    eval_data: str = ""          # held-out prompts for eval/accuracy (mean --reward-fn of greedy answers); built-in task: its test split
     eval_every: int = 10
     eval_samples: int = 256      # built-in task: held-out prompts for eval/accuracy
     log_every: int = 1
@@ -130,7 +138,7 @@ def check_flags(cfg: PPOConfig):
                                     "(prompts x group / minibatches / grad-accum) must be even")
         if not cfg.beta:
             raise common.UsageError("--algo online_dpo needs a reference: --beta > 0 (DPO's beta)")
-    if cfg.data and not (cfg.reward_fn or cfg.reward_model):
+    if cfg.data and not (cfg.reward_fn or cfg.reward_model or cfg.env):
         # the built-in verifier on other data scores every answer 0: nothing would be learned, silently
         raise common.UsageError(f"--data {cfg.data} is not the built-in task: say how to score its completions with "
                                 "--reward-fn module:function (e.g. data.prepare_gsm8k:gsm8k_reward) or --reward-model DIR")
@@ -167,14 +175,45 @@ class Rollout:
 
 # ----------------------------------------------------------------------------- the stages of a step
 
-def sample(policy, tok, picked, cfg: PPOConfig, dist, step) -> forward.Samples:
-    """Rollout: --group-size completions for each of this rank's prompts. The samples are a
-    function of (seed, step, rank): different on each rank, the same on resume."""
+def sample(policy, tok, picked, cfg: PPOConfig, dist, step, make_env=None, greedy=False) -> forward.Samples:
+    """Rollout: --group-size completions for each of this rank's prompts; with --tools or --env,
+    multi-turn episodes (agent.rollout). The samples are a function of (seed, step, rank):
+    different on each rank, the same on resume."""
     g = torch.Generator(dist.device).manual_seed((cfg.seed * 100_003 + step) * 1009 + dist.rank)
-    prompts = [p["prompt_ids"] for p in picked for _ in range(cfg.group_size)]
-    with common.unsharded(policy):
-        return forward.generate(policy, tok, prompts, dist, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                cfg.top_p, generator=g)
+    group, temperature = (1, 0.0) if greedy else (cfg.group_size, cfg.temperature)
+    if make_env is None:
+        prompts = [p["prompt_ids"] for p in picked for _ in range(group)]
+        with common.unsharded(policy):
+            return forward.generate(policy, tok, prompts, dist, cfg.max_new_tokens, temperature, cfg.top_k,
+                                    cfg.top_p, generator=g)
+    records = [p["record"] for p in picked for _ in range(group)]
+    was_training = policy.training
+    policy.eval()
+    try:
+        with common.unsharded(policy), common.autocast(dist):
+            episodes = agent.rollout(policy, tok, records, make_env, cfg.max_new_tokens,
+                                     cfg.max_turns or cfg.max_tool_calls + 1, temperature, cfg.top_k, cfg.top_p, g,
+                                     dist.device)
+    except ValueError as e:  # a template that is not prefix-preserving
+        raise common.UsageError(str(e)) from None
+    policy.train(was_training)
+    return agent.to_samples(episodes, tok.pad_id, dist.device)[0]
+
+
+def held_out_accuracy(policy, tok, held_out, cfg: PPOConfig, dist, make_env, reward_fn):
+    """eval/accuracy: the mean reward of greedy answers (episodes) to the held-out prompts, split
+    over ranks; with tools, also the share of episodes that called one."""
+    mine, total, called = held_out[dist.rank::dist.world], 0.0, 0
+    for i in range(0, len(mine), 64):
+        chunk = mine[i:i + 64]
+        samples = sample(policy, tok, chunk, cfg, dist, 0, make_env, greedy=True)
+        total += score(samples, chunk, dataclasses.replace(cfg, group_size=1, missing_eos_penalty=0), dist,
+                       reward_fn, None)[1].sum().item()
+        if samples.episodes is not None:
+            called += sum(getattr(e, "calls", 0) > 0 for e in samples.episodes.envs)
+    n = max(len(held_out), 1)
+    out = {"eval/accuracy": common.all_sum(total, dist) / n}
+    return {**out, "eval/tool_call_rate": common.all_sum(called, dist) / n} if cfg.tools else out
 
 
 @torch.no_grad()
@@ -187,8 +226,13 @@ def score(samples, picked, cfg: PPOConfig, dist, reward_fn, rm):
         recs = [p["record"] for p in picked for _ in range(cfg.group_size)]
         keys = dict.fromkeys(k for r in recs for k in r if k != "prompt")  # every record's extra fields
         fields = {k: [r.get(k) for r in recs] for k in keys}
-        raw = torch.tensor(reward_fn([r["prompt"] for r in recs], samples.texts, **fields),
-                           dtype=torch.float32, device=dist.device)
+        ep = samples.episodes
+        if ep is not None and callable(getattr(ep.envs[0], "reward", None)):  # the environment scores its episodes
+            values = [env.reward(msgs, rec) for env, msgs, rec in zip(ep.envs, ep.messages, recs)]
+        else:  # multi-turn: the last turn is the completion, and the whole conversation is given too
+            values = reward_fn([r["prompt"] for r in recs], samples.texts, **fields,
+                               **({"messages": ep.messages} if ep is not None else {}))
+        raw = torch.tensor(values, dtype=torch.float32, device=dist.device)
     return raw - cfg.missing_eos_penalty * (~samples.ended).float(), raw
 
 
@@ -224,7 +268,7 @@ def advantages(samples, scores, raw_scores, policy, ref, critic, cfg: PPOConfig,
     penalty = cfg.beta * losses.kl_penalty(old_logps, ref_logps, kl_estimator) * mask if kl_in_reward \
         else torch.zeros_like(mask)  # per token
     rollout = Rollout(samples, scores, raw_scores, old_logps, ref_logps, entropy, None)
-    last = (torch.arange(len(mask), device=dist.device), mask.sum(-1).long() - 1)
+    last = (torch.arange(len(mask), device=dist.device), mask.shape[1] - 1 - mask.flip(-1).argmax(-1))  # last model token
     if cfg.algo == "ppo":  # GAE on (score at the last token - the KL per token), whitened
         rollout.old_values = forward.completion_values(critic, samples, dist)
         rewards = -penalty
@@ -343,6 +387,8 @@ def rollout_metrics(r: Rollout, cfg: PPOConfig, dist, t_gen, t_all):
         var_r = losses.masked_mean((r.returns - losses.masked_mean(r.returns, mask)) ** 2, mask)
         var_e = losses.masked_mean((err - losses.masked_mean(err, mask)) ** 2, mask)
         metrics["explained_variance"] = (1 - var_e / var_r.clamp(min=1e-8)).item()
+    if r.samples.episodes is not None:
+        metrics.update(agent.episode_metrics(r.samples.episodes, r.samples))
     metrics = {k: v / dist.world for k, v in sum_over_ranks(metrics, dist).items()}
     metrics["gen_tokens_per_s"] = common.all_sum(mask.sum(), dist) / max(t_gen, 1e-9)
     metrics["train_tokens_per_s"] = common.all_sum(r.samples.attn.sum() * cfg.ppo_epochs, dist) / max(t_all - t_gen, 1e-9)
@@ -372,15 +418,21 @@ def main(cfg: PPOConfig):
             raise common.UsageError(f"--stop-tokens: {t!r} is not a single token of {model_dir}'s tokenizer")
         tok.stop_ids.append(tok.tokenizer.token_to_id(t))
     reward_fn, needs = load_reward_fn(cfg.reward_fn or "data.task:reward_fn") if not cfg.reward_model else (None, [])
-    if cfg.data:
-        prompt_file, held_out = cfg.data, []
-    else:
-        tdir = task.ensure_task(task.TASK_DIR)
-        prompt_file = os.path.join(tdir, "train.jsonl")
-        held_out = formats.load_prompts(os.path.join(tdir, "test.jsonl"))[:cfg.eval_samples]
+    try:  # multi-turn: one environment per episode (agent.py); None = single-turn
+        make_env = agent.make_env_factory(cfg.tools, cfg.env, cfg.max_tool_calls, cfg.tool_timeout, tok)
+    except ValueError as e:
+        raise common.UsageError(str(e)) from None
+    tdir = None if cfg.data else task.ensure_task(task.TASK_DIR)
+    prompt_file = cfg.data or os.path.join(tdir, "train.jsonl")
+    eval_file = cfg.eval_data or ("" if cfg.data else os.path.join(tdir, "test.jsonl"))
+    if cfg.eval_data and not cfg.reward_fn:
+        raise common.UsageError("--eval-data: its greedy answers are scored by --reward-fn: give one")
+    eval_fn = reward_fn or load_reward_fn("data.task:reward_fn")[0]  # with --reward-model: the task's verifier
     # {"prompt_ids", "record"}: tokenized once into the data cache, memory-mapped
     prompts = common.load_data(prompt_file, "prompts", tok, cfg, dist, max_prompt_length=cfg.max_prompt_length,
                                required=needs)
+    held_out = list(common.load_data(eval_file, "prompts", tok, cfg, dist, max_prompt_length=cfg.max_prompt_length,
+                                     required=needs))[:cfg.eval_samples] if eval_file else []
 
     # ---- models
     policy = common.load_model(model_dir, cfg, dist, adapt=True)
@@ -399,9 +451,7 @@ def main(cfg: PPOConfig):
     opt = common.make_optimizer(policy, cfg)
 
     def evaluate():
-        if not held_out:
-            return {}
-        return {"eval/accuracy": forward.eval_accuracy(policy, tok, held_out, dist, task.is_correct, cfg.max_new_tokens)}
+        return held_out_accuracy(policy, tok, held_out, cfg, dist, make_env, eval_fn) if held_out else {}
 
     # ---- loop: rollout -> score -> advantages -> update
     loop = Loop(cfg, dist, {"policy": (policy, opt), **({"critic": (critic, vopt)} if critic else {})}, evaluate)
@@ -410,7 +460,7 @@ def main(cfg: PPOConfig):
         t0 = time.time()
         picked = [prompts[i] for i in batching.batch_indices(len(prompts), cfg.prompts_per_step, cfg.seed, step,
                                                               dist.rank, dist.world)]
-        samples = sample(policy, tok, picked, cfg, dist, step)
+        samples = sample(policy, tok, picked, cfg, dist, step, make_env)
         t_gen = time.time() - t0
         scores, raw_scores = score(samples, picked, cfg, dist, reward_fn, rm)
         flat = flat_rewards(raw_scores, dist, step, flat)

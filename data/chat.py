@@ -294,8 +294,9 @@ def _render(messages, tok: Tok, add_generation_prompt, where):
     import jinja2
 
     try:
-        return _compile(tok.chat_template).render(messages=messages, tools=None, documents=None,
-                                                  add_generation_prompt=add_generation_prompt, **tok.template_kwargs)
+        return _compile(tok.chat_template).render(**{"messages": messages, "tools": None, "documents": None,
+                                                     "add_generation_prompt": add_generation_prompt,
+                                                     **tok.template_kwargs})  # agent.py may give "tools"
     except jinja2.exceptions.UndefinedError as e:
         raise DataError(f"{where}: the chat template uses something not given: {e.message} (template variables go in "
                         "--chat-template-kwargs as JSON)") from None
