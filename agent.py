@@ -184,17 +184,17 @@ def tool_prompt(schemas):
 class ToolEnv:
     """The built-in environment: the record's prompt, then tool calls executed until a turn has none."""
 
-    def __init__(self, tools, max_tool_calls=4, timeout=5.0, in_template=False):
+    def __init__(self, tools, max_tool_calls=4, timeout=5.0, in_template=False, describe=True):
         self.tools = {fn.__name__: fn for fn in tools}
         self.schemas = [tool_schema(fn) for fn in tools]
-        self.max_tool_calls, self.timeout, self.in_template = max_tool_calls, timeout, in_template
+        self.max_tool_calls, self.timeout, self.in_template, self.describe = max_tool_calls, timeout, in_template, describe
         self.calls = self.errors = 0
         self.answered = False
 
     def reset(self, record):
         prompt = record["prompt"]
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-        if not self.in_template:  # the tools described in the system message instead
+        if self.describe and not self.in_template:  # the tools described in the system message instead
             if messages[0]["role"] == "system":
                 messages[0]["content"] = messages[0]["content"] + "\n\n" + tool_prompt(self.schemas)
             else:
@@ -401,7 +401,7 @@ def episode_metrics(ep: Episodes, samples) -> dict:
             "model_token_share": (samples.mask.sum() / after.clamp(min=1)).item()}
 
 
-def make_env_factory(tools="", env="", max_tool_calls=4, timeout=5.0, tok=None):
+def make_env_factory(tools="", env="", max_tool_calls=4, timeout=5.0, tok=None, describe=True):
     """--tools module:fn,... or --env module:Class -> a function making one environment per
     episode (None for single-turn RL); a mistake is a ValueError naming the flag."""
     if tools and env:
@@ -419,4 +419,4 @@ def make_env_factory(tools="", env="", max_tool_calls=4, timeout=5.0, tok=None):
     in_template = tok.chat_format == "template" and "tools" in (tok.chat_template or "")
     if in_template:  # the template lays the tools out itself, in its own words
         tok.template_kwargs["tools"] = schemas
-    return lambda: ToolEnv(fns, max_tool_calls, timeout, in_template)
+    return lambda: ToolEnv(fns, max_tool_calls, timeout, in_template, describe)

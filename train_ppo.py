@@ -104,6 +104,7 @@ class PPOConfig(config.TrainConfig):
     max_tool_calls: int = 4      # --tools: calls per episode; a turn asking for more ends the episode unanswered
     max_turns: int = 0           # multi-turn: model turns per episode (each up to --max-new-tokens); 0 = --max-tool-calls + 1
     tool_timeout: float = 5.0    # --tools: seconds a call may run; then its error message is the result
+    describe_tools: bool = True  # --tools, a template without a tools variable: list them in a system message (false: a model fine-tuned on them)
     eval_data: str = ""          # held-out prompts for eval/accuracy (mean --reward-fn of greedy answers); built-in task: its test split
     eval_every: int = 10
     eval_samples: int = 256      # built-in task: held-out prompts for eval/accuracy
@@ -419,7 +420,8 @@ def main(cfg: PPOConfig):
         tok.stop_ids.append(tok.tokenizer.token_to_id(t))
     reward_fn, needs = load_reward_fn(cfg.reward_fn or "data.task:reward_fn") if not cfg.reward_model else (None, [])
     try:  # multi-turn: one environment per episode (agent.py); None = single-turn
-        make_env = agent.make_env_factory(cfg.tools, cfg.env, cfg.max_tool_calls, cfg.tool_timeout, tok)
+        make_env = agent.make_env_factory(cfg.tools, cfg.env, cfg.max_tool_calls, cfg.tool_timeout, tok,
+                                          cfg.describe_tools)
     except ValueError as e:
         raise common.UsageError(str(e)) from None
     tdir = None if cfg.data else task.ensure_task(task.TASK_DIR)

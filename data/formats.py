@@ -14,7 +14,7 @@ import json
 import warnings
 import zlib
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool call's result (agent.py)
 
 
 class DataError(ValueError):

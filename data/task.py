@@ -23,6 +23,7 @@ delete TASK_DIR so ensure_task writes them again.
 
 ensure_task(dir) writes, deterministically: train.jsonl / test.jsonl (disjoint problems;
 {"prompt", "completion", "answer"} records usable for SFT, preference sampling and RL),
+train_tools.jsonl (train.jsonl with every 3rd demonstration calling agent.py's calculator),
 tokenizer.json + tokenizer_config.json (the plain chat format), and config.json (a tiny Llama).
 """
 import json
@@ -42,6 +43,7 @@ TASK_DIR = "runs/task"
 DIGITS = 2                   # both operands have exactly this many digits
 TEACHER_FORGETS_CARRY = 0.75  # how often a training demonstration drops the units carry
 N_TRAIN, N_TEST = 4000, 500
+TOOL_DEMOS = 3               # train_tools.jsonl: every 3rd demonstration calls the calculator instead
 SEED = 1234
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]  # printable ASCII: any short English prompt works
@@ -96,14 +98,32 @@ def _write(path, name, text):
     os.replace(tmp, os.path.join(path, name))
 
 
+def tool_demos(train):
+    """train_tools.jsonl's records: train.jsonl's, where every TOOL_DEMOS-th demonstration calls
+    agent.py's calculator and copies its result (the others keep the flawed teacher's carries)."""
+    out = []
+    for i, r in enumerate(train):
+        if i % TOOL_DEMOS:
+            out.append(r)
+            continue
+        call = {"name": "calculator", "arguments": {"expression": r["prompt"].removeprefix("What is ").rstrip("?")}}
+        out.append({"messages": [{"role": "user", "content": r["prompt"]},
+                                 {"role": "assistant", "content": f"<tool_call>{json.dumps(call)}</tool_call>"},
+                                 {"role": "tool", "name": "calculator", "content": r["answer"]},
+                                 {"role": "assistant", "content": r["answer"]}], "answer": r["answer"]})
+    return out
+
+
 def ensure_task(path=TASK_DIR):
     """Write the task's files into `path` if they are missing (config.json, written last, marks a
     complete directory); return `path`. Deterministic: the same bytes on every machine and call."""
     if os.path.exists(os.path.join(path, "config.json")):
+        if not os.path.exists(os.path.join(path, "train_tools.jsonl")):  # a directory from before it existed
+            _write(path, "train_tools.jsonl", "".join(json.dumps(r) + "\n" for r in tool_demos(examples()[0])))
         return path
     os.makedirs(path, exist_ok=True)
     train, test = examples()
-    for name, recs in (("train.jsonl", train), ("test.jsonl", test)):
+    for name, recs in (("train.jsonl", train), ("test.jsonl", test), ("train_tools.jsonl", tool_demos(train))):
         _write(path, name, "".join(json.dumps(r) + "\n" for r in recs))
     _write(path, "tokenizer.json", build_tokenizer().to_str(pretty=True))
     _write(path, "tokenizer_config.json", json.dumps(

@@ -264,7 +264,7 @@ def test_malformed_sft_names_file_line_field(tmp_path, line, field):
     ('{"prompt": "a", "chosen": "b"}', "missing field 'rejected'"),
     ('{"prompt": "a", "chosen": 5, "rejected": "c"}', "field 'chosen': expected a string or a list of messages, got int"),
     ('{"prompt": [{"role": "bot", "content": "x"}], "chosen": "b", "rejected": "c"}',
-     "field 'prompt': message 0: role 'bot' is not one of system/user/assistant"),
+     "field 'prompt': message 0: role 'bot' is not one of system/user/assistant/tool"),
     ('{"prompt": "a", "chosen": [{"role": "user", "content": "x"}], "rejected": "c"}',
      "field 'chosen': the last message must be the assistant's, got 'user'"),
     ('{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"}',

@@ -42,6 +42,8 @@ def files(tmp_path_factory):
             **{k: str(d / f"{k}.jsonl") for k in ("sft", "pairs", "rl")}}
 
 
+PPO = ["--algo", "ppo", "--temperature", "0", "--group-size", "2", "--minibatches", "1", "--max-new-tokens", "4",
+       "--beta", "0.05"]
 # script, its arguments, the batch flag (per process), and the metrics that must agree
 CASES = {
     "sft": ("train_sft.py", lambda f: ["--data", f["sft"]], "--batch-size", ("loss", "grad_norm")),
@@ -50,9 +52,12 @@ CASES = {
             ("loss", "grad_norm", "rewards/margins", "logps/chosen")),
     "distill": ("train_distill.py", lambda f: ["--data", f["sft"], "--teacher", f["teacher"], "--lmbda", "0"],
                 "--batch-size", ("loss", "grad_norm")),
-    "ppo": ("train_ppo.py", lambda f: ["--data", f["rl"], "--algo", "ppo", "--temperature", "0", "--group-size", "2",
-                                       "--minibatches", "1", "--max-new-tokens", "4", "--beta", "0.05"],
+    "ppo": ("train_ppo.py", lambda f: ["--data", f["rl"], "--reward-fn", "data.task:reward_fn", *PPO],
             "--prompts-per-step", ("grad_norm", "value_loss", "value_grad_norm", "kl", "clipfrac")),
+    # multi-turn episodes of different lengths (agent.py), scored by the environment
+    "agent": ("train_ppo.py", lambda f: ["--data", f["rl"], "--env", "tests.support.envs:Countdown", *PPO,
+                                         "--max-new-tokens", "6"],
+              "--prompts-per-step", ("grad_norm", "value_loss", "kl", "turns", "model_token_share")),
 }
 
 
