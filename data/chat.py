@@ -131,8 +131,8 @@ def load_tokenizer(model_dir, chat_format=None, system_prompt=None, template_kwa
     <|start_header_id|> -> llama3, else plain. chat_format="chatml"/"llama3"/"plain" forces a
     built-in one. eos_id is tokenizer_config's eos_token (else the first eos_token_id); stop_ids
     adds every eos_token_id and the end-of-turn token (the template's, found by rendering a probe
-    conversation, or the built-in format's); bos is tokenizer_config's bos_token or none; pad
-    falls back to eos."""
+    conversation, or the built-in format's); bos is tokenizer_config's bos_token or none (with a
+    template: only if the tokenizer itself adds it); pad falls back to eos."""
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir}: no such directory; --model expects a Hugging Face model directory "
@@ -171,7 +171,11 @@ def load_tokenizer(model_dir, chat_format=None, system_prompt=None, template_kwa
     template = None if chat_format else _read_template(model_dir, tcfg)
     if template is not None:
         specials = {k: content(k) for k in TEMPLATE_SPECIAL_TOKENS if content(k)}
-        tok = Tok(tk, bos, eos, pad, stops, "template", system_prompt, template, {**specials, **kwargs})
+        # a bos the tokenizer never adds is no bos to keep at a cut or put before plain text:
+        # SmolLM2 names ChatML's turn opener <|im_start|> as its bos_token (Llama 3 adds its own)
+        adds_bos = bos is not None and tk.encode("a", add_special_tokens=True).ids[:1] == [bos]
+        tok = Tok(tk, bos if adds_bos else None, eos, pad, stops, "template", system_prompt, template,
+                  {**specials, **kwargs})
         try:
             _compile(template)
         except Exception as e:  # jinja2.TemplateSyntaxError; jinja2 is imported lazily
