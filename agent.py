@@ -131,7 +131,9 @@ def tool_schema(fn) -> dict:
     out = {"name": fn.__name__, "description": description, "parameters": parameters}
     if "return" in hints:
         try:
-            out["return"] = {**_type_schema(hints["return"]), **({"description": returns.group(1).strip()} if returns else {})}
+            out["return"] = _type_schema(hints["return"])
+            if returns:
+                out["return"]["description"] = returns.group(1).strip()
         except ValueError:
             pass
     return {"type": "function", "function": out}
@@ -187,7 +189,8 @@ class ToolEnv:
     def __init__(self, tools, max_tool_calls=4, timeout=5.0, in_template=False, describe=True):
         self.tools = {fn.__name__: fn for fn in tools}
         self.schemas = [tool_schema(fn) for fn in tools]
-        self.max_tool_calls, self.timeout, self.in_template, self.describe = max_tool_calls, timeout, in_template, describe
+        self.max_tool_calls, self.timeout = max_tool_calls, timeout
+        self.in_template, self.describe = in_template, describe
         self.calls = self.errors = 0
         self.answered = False
 
@@ -264,7 +267,7 @@ class Episodes(typing.NamedTuple):
     prompt_len: list  # tokens before the first turn
     messages: list   # the whole conversation
     answers: list    # the last turn's text
-    answered: list   # the episode ended with an answer (not cut, not over the tool or turn limit)
+    answered: list   # the episode ended with an answer (not cut, not over the tool, turn or position limit)
     turns: list
     envs: list
 
@@ -309,7 +312,7 @@ def rollout(net, tok, records, make_env, max_new_tokens, max_turns, temperature=
     n = len(records)
     mask, logps = [[0] * len(s) for s in seqs], [[0.0] * len(s) for s in seqs]
     prompt_len, turns, answered, answers = [len(s) for s in seqs], [0] * n, [False] * n, [""] * n
-    dtype = next(net.parameters()).dtype
+    dtype, positions = next(net.parameters()).dtype, net.cfg.max_position_embeddings  # an episode ends before it
     P = max(prompt_len)
     cache = _Cache(net, n, P + max_new_tokens * max_turns + 64, dtype, device)
     ids = torch.tensor([[tok.pad_id] * (P - len(s)) + s for s in seqs], device=device)
@@ -348,11 +351,11 @@ def rollout(net, tok, records, make_env, max_new_tokens, max_turns, temperature=
                 continue
             new, over = envs[e].step(text)
             answered[e] = over and getattr(envs[e], "answered", True)
-            if over or turns[e] >= max_turns:
+            g = [] if over else glue(convs[e], text, new, ids_[-1], tok)
+            if over or turns[e] >= max_turns or len(seqs[e]) + len(g) + max_new_tokens > positions:
                 convs[e].append({"role": "assistant", "content": text})
                 convs[e] += new
                 continue
-            g = glue(convs[e], text, new, ids_[-1], tok)
             convs[e] += [{"role": "assistant", "content": text}] + new
             glues.append((ids_[-1:] if pending[r] else []) + g)
             seqs[e] += g

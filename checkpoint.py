@@ -333,15 +333,17 @@ def model_card(cfg, dist, base_model, head):
         (["lora"] if cfg.lora_r else []) + (["qlora"] if cfg.quantize else [])
     launch = f"torchrun --nproc_per_node {dist.world} " if dist.world > 1 else "python "
     final = _final_metrics(os.path.join(cfg.out, "metrics.jsonl"))
-    front = [f"base_model: {json.dumps(base)}", "datasets:", f"- {json.dumps(os.path.basename(data) if cfg.data else 'nanotrl-task')}",
-             "library_name: transformers", "pipeline_tag: " + ("text-generation" if head == "lm" else "text-classification"),
-             "tags:", *[f"- {t}" for t in tags]]
+    dataset = os.path.basename(data) if cfg.data else "nanotrl-task"
+    pipeline = "text-generation" if head == "lm" else "text-classification"
+    front = [f"base_model: {json.dumps(base)}", "datasets:", f"- {json.dumps(dataset)}", "library_name: transformers",
+             f"pipeline_tag: {pipeline}", "tags:", *[f"- {t}" for t in tags]]
+    digest = f" (sha256 `{_sha256(cfg.data)}`)" if cfg.data and os.path.isfile(cfg.data) else ""
     lines = ["---", *front, "---", "", f"# {os.path.basename(os.path.abspath(cfg.out))}", "",
              f"`{base}` trained with nanotrl's `{script}`. It loads with `transformers` as it is "
              f"(`AutoModelFor{'CausalLM' if head == 'lm' else 'SequenceClassification'}.from_pretrained`).", "",
              "| | |", "|---|---|",
              f"| command | `{launch}{shlex.join(sys.argv)}` |",
-             f"| data | `{data}`" + (f" (sha256 `{_sha256(cfg.data)}`)" if cfg.data and os.path.isfile(cfg.data) else "") + " |",
+             f"| data | `{data}`{digest} |",
              f"| nanotrl commit | `{_commit()}` |", f"| steps | {cfg.max_steps} |",
              *[f"| {k} | {v:.6g} |" for k, v in final.items()], ""]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import checkpoint
 
+
 @dataclass
 class TrainConfig:
     """Options every script shares (same names everywhere). Scripts extend this with their own."""
@@ -103,15 +104,14 @@ def parse_config(cls, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = cls(**vars(p.parse_args(argv)))
     given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
-    if cfg.model and not _task_model(cfg.model):
-        real = {k: v for k, v in cls.REAL_MODEL.items() if k not in given}
-        cfg = dataclasses.replace(cfg, **real)
+    pretrained = cfg.model and not _task_model(cfg.model)
+    real = {k: v for k, v in cls.REAL_MODEL.items() if k not in given} if pretrained else {}
+    cfg = dataclasses.replace(cfg, **real)
+    if cfg.model:
         _check_positions(cfg, given, p.error)
-        if real and os.environ.get("RANK", "0") == "0":
-            shown = " ".join(f"{checkpoint.flag(k)} {v}" for k, v in real.items())
-            print(f"{cfg.model} is a pretrained checkpoint: TRL's defaults {shown} (flags given win)")
-    elif cfg.model:
-        _check_positions(cfg, given, p.error)
+    if real and os.environ.get("RANK", "0") == "0":
+        shown = " ".join(f"{checkpoint.flag(k)} {v}" for k, v in real.items())
+        print(f"{cfg.model} is a pretrained checkpoint: TRL's defaults {shown} (flags given win)")
     for f in dataclasses.fields(cls):
         v, flag = getattr(cfg, f.name), checkpoint.flag(f.name)
         if type(v) in (int, float) and not _in_range(v, _range(cls, f.name)):
@@ -150,7 +150,8 @@ def _check_positions(cfg, given, error):
         return
     asked = " + ".join(f"{checkpoint.flag(f)} {getattr(cfg, f)}" for f in fields)
     if given.intersection(fields):
-        error(f"{asked}: longer than the {positions} positions of {cfg.model} (max_position_embeddings in its config.json)")
+        error(f"{asked}: longer than the {positions} positions of {cfg.model} "
+              "(max_position_embeddings in its config.json)")
     if len(fields) == 1:
         cfg.max_length = positions
     else:

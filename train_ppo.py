@@ -104,7 +104,7 @@ class PPOConfig(config.TrainConfig):
     max_tool_calls: int = 4      # --tools: calls per episode; a turn asking for more ends the episode unanswered
     max_turns: int = 0           # multi-turn: model turns per episode (each up to --max-new-tokens); 0 = --max-tool-calls + 1
     tool_timeout: float = 5.0    # --tools: seconds a call may run; then its error message is the result
-    describe_tools: bool = True  # --tools, a template without a tools variable: list them in a system message (false: a model fine-tuned on them)
+    describe_tools: bool = True  # --tools: list them in a system message if the template has no tools variable
     eval_data: str = ""          # held-out prompts for eval/accuracy (mean --reward-fn of greedy answers); built-in task: its test split
     eval_every: int = 10
     eval_samples: int = 256      # built-in task: held-out prompts for eval/accuracy
@@ -172,6 +172,7 @@ class Rollout:
     advantages: torch.Tensor  # [N, L]; online DPO: +1 / -1 / 0 on the chosen / rejected / tied rows
     old_values: torch.Tensor = None  # [N, L] PPO's critic at rollout time
     returns: torch.Tensor = None     # [N, L] PPO's value targets
+    old_from_update: bool = False    # old_logps and entropy are filled in by update()'s forward (see advantages)
 
 
 # ----------------------------------------------------------------------------- the stages of a step
@@ -257,18 +258,33 @@ def whiten_over_ranks(x, mask, dist):
     return losses.masked_whiten(x, mask, mean=mean, var=var)
 
 
+def old_logps_from_update(cfg: PPOConfig, kl_in_reward, ref):
+    """With one optimizer step per rollout (--ppo-epochs 1 --minibatches 1, any --grad-accum) the
+    update's forward runs the very weights that sampled, so its log-probs, detached, are the old
+    ones: update() takes them there instead of a forward of its own here (TRL does the same when
+    num_iterations is 1 and one generation batch is one optimizer step). Exact in exact arithmetic
+    (ratio 1, the same gradient); in floating point the ratio is 1 where a separate forward gives
+    1 +- ~1e-7. Not when the KL goes into the reward, which needs them before the update."""
+    return cfg.ppo_epochs == 1 and cfg.minibatches == 1 and not (kl_in_reward and ref is not None)
+
+
 @torch.no_grad()
 def advantages(samples, scores, raw_scores, policy, ref, critic, cfg: PPOConfig, dist, kl_in_reward, kl_estimator):
     """Advantages: the old and reference log-probs (and PPO's values), the KL penalty where it
     goes into the reward, then the algorithm's advantage of every completion token."""
     mask = samples.mask
-    old_logps, entropy = forward.completion_logps(policy, samples, dist, cfg.chunk_size, cfg.temperature, entropy=True)
+    deferred = old_logps_from_update(cfg, kl_in_reward, ref)
+    if deferred:  # zeros until update() fills them in
+        old_logps, entropy = torch.zeros_like(mask), torch.zeros_like(mask)
+    else:
+        old_logps, entropy = forward.completion_logps(policy, samples, dist, cfg.chunk_size, cfg.temperature,
+                                                      entropy=True)
     with lora.adapters_disabled(ref) if ref is not None else nullcontext():
         ref_logps = forward.completion_logps(ref, samples, dist, cfg.chunk_size, cfg.temperature) \
             if ref is not None else old_logps
     penalty = cfg.beta * losses.kl_penalty(old_logps, ref_logps, kl_estimator) * mask if kl_in_reward \
         else torch.zeros_like(mask)  # per token
-    rollout = Rollout(samples, scores, raw_scores, old_logps, ref_logps, entropy, None)
+    rollout = Rollout(samples, scores, raw_scores, old_logps, ref_logps, entropy, None, old_from_update=deferred)
     last = (torch.arange(len(mask), device=dist.device), mask.shape[1] - 1 - mask.flip(-1).argmax(-1))  # last model token
     if cfg.algo == "ppo":  # GAE on (score at the last token - the KL per token), whitened
         rollout.old_values = forward.completion_values(critic, samples, dist)
@@ -327,7 +343,12 @@ def update(rollout: Rollout, policy, opt, ref, critic, vopt, cfg: PPOConfig, dis
                 "chosen_tokens": mask[rows][pref[rows] > 0].sum().item()}
 
     def policy_loss(rows, totals):
-        logps = forward.completion_logps(policy, s, dist, cfg.chunk_size, cfg.temperature, rows=rows)
+        if rollout.old_from_update:  # the sampling policy itself: its log-probs are the old ones (ratio 1)
+            logps, entropy = forward.completion_logps(policy, s, dist, cfg.chunk_size, cfg.temperature, entropy=True,
+                                                      rows=rows)
+            rollout.old_logps[rows], rollout.entropy[rows] = logps.detach(), entropy  # ref_logps too without a ref
+        else:
+            logps = forward.completion_logps(policy, s, dist, cfg.chunk_size, cfg.temperature, rows=rows)
         m, old, adv = mask[rows], rollout.old_logps[rows], rollout.advantages[rows]
         norm = dict(agg, num_tokens=totals["tokens"], num_sequences=totals["sequences"])
         if cfg.algo == "online_dpo":
@@ -467,9 +488,9 @@ def main(cfg: PPOConfig):
         scores, raw_scores = score(samples, picked, cfg, dist, reward_fn, rm)
         flat = flat_rewards(raw_scores, dist, step, flat)
         rollout = advantages(samples, scores, raw_scores, policy, ref, critic, cfg, dist, kl_in_reward, kl_estimator)
-        if cfg.record_rollout and step == loop.start and dist.main:
-            record(rollout, cfg.record_rollout)
         stats = update(rollout, policy, opt, ref, critic, vopt, cfg, dist, step, kl_in_reward, kl_estimator)
+        if cfg.record_rollout and step == loop.start and dist.main:  # after update: it may fill in old_logps
+            record(rollout, cfg.record_rollout)
         loop.record({**rollout_metrics(rollout, cfg, dist, t_gen, time.time() - t0), **stats})
 
     # ---- save

@@ -17,6 +17,8 @@ import model as M
 from data import chat
 from helpers import ROOT, run_script, series, tiny_model_dir
 
+# a random model's turns end early on these (and long episodes need no trained model)
+STOPS = "0,1,2,3,4,5,6,7,8,9,a,e,i,o,u"
 SHARED_SMOLLM = os.path.join(os.path.dirname(ROOT), "shared", "models", "smollm2-135m-instruct")
 
 
@@ -118,6 +120,29 @@ def test_max_tool_calls_is_respected():
     assert env.calls == 2 and not env.answered  # ...unanswered, and is not executed
 
 
+def test_tools_are_described_in_the_system_message_unless_the_template_takes_them():
+    schema = agent.tool_schema(agent.calculator)
+    described = agent.ToolEnv([agent.calculator]).reset({"prompt": "What is 2+3?"})
+    assert described[0]["role"] == "system" and json.dumps(schema["function"]) in described[0]["content"]
+    assert "<tool_call>" in described[0]["content"] and described[1] == {"role": "user", "content": "What is 2+3?"}
+    merged = agent.ToolEnv([agent.calculator]).reset({"prompt": [{"role": "system", "content": "Be brief."},
+                                                                 {"role": "user", "content": "Hi"}]})
+    assert len(merged) == 2 and merged[0]["content"].startswith("Be brief.\n\nYou can call these tools:")
+    for env in (agent.ToolEnv([agent.calculator], in_template=True), agent.ToolEnv([agent.calculator], describe=False)):
+        assert env.reset({"prompt": "Hi"}) == [{"role": "user", "content": "Hi"}]
+
+
+def test_a_template_with_a_tools_variable_lays_out_the_schemas():
+    qwen3 = os.path.join(os.path.dirname(ROOT), "shared", "tokenizers", "qwen3")
+    if not os.path.exists(os.path.join(qwen3, "tokenizer.json")):
+        pytest.skip(f"{qwen3} not present")
+    tok = chat.load_tokenizer(qwen3)
+    conv = agent.make_env_factory("agent:calculator", tok=tok)().reset({"prompt": "What is 2+3?"})
+    assert conv == [{"role": "user", "content": "What is 2+3?"}]  # no system message of ours: the template's
+    text = tok.tokenizer.decode(agent.render(conv, tok, True))
+    assert "<tools>" in text and json.dumps(agent.tool_schema(agent.calculator), ensure_ascii=False) in text, text
+
+
 def assemble(tok, conv, turns, results):
     """A hand-built episode as agent.rollout assembles it: the prompt's rendering, each turn's ids
     as sampled (its text's ids and the stop token), the glue between them."""
@@ -168,7 +193,8 @@ def test_a_template_that_is_not_prefix_preserving_is_detected(tiny, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps({**conf, "chat_template": template}))
     tok = chat.load_tokenizer(str(d))
     user = [{"role": "user", "content": "What is 1+2?"}]
-    with pytest.raises(ValueError, match=r"the chat template is not prefix-preserving: .* differently from token 30 on \('3' became '\.\.\.tool'\)"):
+    with pytest.raises(ValueError, match=r"the chat template is not prefix-preserving: .* differently from token 30 "
+                                         r"on \('3' became '\.\.\.tool'\)"):
         assemble(tok, user, ["3", "3"], [[{"role": "tool", "content": "ok"}], None])
 
 
@@ -223,11 +249,12 @@ def test_gae_steps_over_the_holes_of_a_multi_turn_mask():
     mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0, 0], [1, 0, 1, 0, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]]).float()
     adv, ret = losses.gae(rewards, values, mask, gamma=0.9, lam=0.8)
     back = losses.discounted_returns(rewards, mask, gamma=0.9)
-    for i in range(3):
+    for i in range(3):  # each row against its model tokens alone, compacted
         keep = mask[i].bool()
-        a, r = losses.gae(rewards[i, keep][None], values[i, keep][None], torch.ones(1, int(keep.sum())), 0.9, 0.8)
+        r_, v_, ones = rewards[i, keep][None], values[i, keep][None], torch.ones(1, int(keep.sum()))
+        a, r = losses.gae(r_, v_, ones, 0.9, 0.8)
         assert torch.allclose(adv[i, keep], a[0]) and torch.allclose(ret[i, keep], r[0])
-        assert torch.allclose(back[i, keep], losses.discounted_returns(rewards[i, keep][None], torch.ones(1, int(keep.sum())), 0.9)[0])
+        assert torch.allclose(back[i, keep], losses.discounted_returns(r_, ones, 0.9)[0])
         assert (adv[i, ~keep] == 0).all() and (back[i, ~keep] == 0).all()
 
 
@@ -238,17 +265,17 @@ def test_a_scripted_environment_runs_through_every_algorithm(tiny, tmp_path, alg
     data.write_text("".join(json.dumps({"prompt": f"What is {i}+{i % 7}?", "answer": "0"}) + "\n" for i in range(16)))
     run_script("train_ppo.py", ["--model", tiny, "--data", data, "--env", "tests.support.envs:Countdown", "--algo", algo,
                                 "--out", "o", "--max-steps", "2", "--prompts-per-step", "2", "--group-size", "4",
-                                "--max-new-tokens", "6", "--beta", "0.1"], tmp_path)
+                                "--max-new-tokens", "8", "--beta", "0.1", "--stop-tokens", STOPS], tmp_path)
     turns, share = series(tmp_path / "o", "turns"), series(tmp_path / "o", "model_token_share")
     assert turns.keys() == {1, 2} and max(turns.values()) > 1 and 0 < min(share.values()) < 1
 
 
 @pytest.mark.slow
-def test_tools_run_through_train_ppo_with_the_template_description(tiny, tmp_path):
+def test_tools_run_through_train_ppo(tiny, tmp_path):
     """--tools on the built-in task (a random model: its calls are rare, but the path runs, the
     held-out evaluation runs episodes too, and the metrics are there)."""
-    run_script("train_ppo.py", ["--model", tiny, "--tools", "agent:calculator", "--describe-tools", "false", "--out", "o", "--max-steps", "1",
-                                "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
+    run_script("train_ppo.py", ["--model", tiny, "--tools", "agent:calculator", "--describe-tools", "false", "--out", "o",
+                                "--max-steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
                                 "--eval-samples", "4"], tmp_path)
     last = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     assert {"turns", "tool_calls", "tool_errors", "unanswered", "model_token_share"} <= set(last[1])
