@@ -205,17 +205,26 @@ class ToolEnv:
         return messages
 
     def step(self, text):
-        calls = TOOL_CALL.findall(text)
+        calls = []
+        for raw in TOOL_CALL.findall(text):  # a JSON list inside one tag is several calls (SmolLM2's form)
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = raw  # malformed: reported below
+            calls += parsed if isinstance(parsed, list) and parsed else [parsed]
         if not calls:
             self.answered = True
             return [], True
         if self.calls + len(calls) > self.max_tool_calls:  # over --max-tool-calls: the episode ends unanswered
             return [], True
         out = []
-        for raw in calls:
+        for call in calls:
             self.calls += 1
             try:
-                call = json.loads(raw)
+                if isinstance(call, str):
+                    json.loads(call)  # raises: the JSON error is the message
+                if not isinstance(call, dict):
+                    raise TypeError(f"a call is an object {{\"name\": ..., \"arguments\": {{...}}}}, not {call!r:.40}")
                 name, arguments = call["name"], call.get("arguments", {})
                 if isinstance(arguments, str):
                     arguments = json.loads(arguments)

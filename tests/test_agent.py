@@ -111,6 +111,16 @@ def test_tool_errors_timeouts_and_malformed_calls_come_back_as_tool_messages():
     assert env.step("The answer is 42.") == ([], True) and env.answered
 
 
+def test_a_list_of_calls_in_one_tag_is_several_calls():
+    env = agent.ToolEnv([agent.calculator])
+    env.reset({"prompt": "Hi"})
+    two = [{"name": "calculator", "arguments": {"expression": e}} for e in ("1+2", "3*3")]
+    out, done = env.step(f"<tool_call>{json.dumps(two)}</tool_call>")
+    assert [m["content"] for m in out] == ["3", "9"] and not done and env.calls == 2
+    (out,), _ = env.step("<tool_call>[1]</tool_call>")
+    assert out["content"].startswith("error: malformed tool call: a call is an object") and env.errors == 1
+
+
 def test_max_tool_calls_is_respected():
     env = agent.ToolEnv([agent.calculator], max_tool_calls=2)
     env.reset({"prompt": "Hi"})
