@@ -131,7 +131,8 @@ def completion_logps(model, samples: Samples, dist, chunk_size, temperature=1.0,
     def head(h, w):
         h = h[:, P - 1:-1] / temperature
         lp = losses.logprobs_from_hidden(h, w, labels[:, P - 1:-1], chunk_size)
-        return (lp, losses.entropy_from_hidden(h, w, chunk_size)) if entropy else lp
+        # entropy is a metric: detached, so that a training forward keeps no graph of its [chunk, V] logits
+        return (lp, losses.entropy_from_hidden(h.detach(), w.detach(), chunk_size)) if entropy else lp
 
     with common.autocast(dist):
         return model(seqs, attn, head_fn=head)

@@ -57,6 +57,8 @@ p.add_argument("--grad-ckpt", type=config._parse_bool, default=False)
 p.add_argument("--chunk-size", type=int, default=config.TrainConfig.chunk_size)
 p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = torch's default")
 p.add_argument("--layers", type=int, default=0, help="override the shape's number of layers (0 = as the shape)")
+p.add_argument("--model", default="", help="a Hugging Face model directory to train (its shape and weights) "
+               "instead of a random --shape, e.g. ~/.cache/nanotrl/smollm2-135m-instruct")
 p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on every projection (alpha 16); DPO's reference is "
                "then the policy with its adapters off; 0 = full fine-tuning")
 a = p.parse_args()
@@ -67,8 +69,9 @@ cfg = config.TrainConfig(dtype=a.dtype, lr=1e-5, warmup_steps=0, max_steps=10**9
 dist = common.setup(cfg)
 dev = dist.device
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-mcfg = M.ModelConfig.from_hf({"max_position_embeddings": 4 * a.seq_len, "rms_norm_eps": 1e-6, **SHAPES[a.shape],
-                              **({"num_hidden_layers": a.layers} if a.layers else {})})
+mcfg = M.read_config(a.model) if a.model else M.ModelConfig.from_hf({
+    "max_position_embeddings": 4 * a.seq_len, "rms_norm_eps": 1e-6, **SHAPES[a.shape],
+    **({"num_hidden_layers": a.layers} if a.layers else {})})
 with torch.device("meta"):  # parameters of the linear layers between the embedding and the LM head
     BODY = sum(p.numel() for n, p in M.Transformer(mcfg).named_parameters() if p.dim() == 2 and n.startswith("model.layers"))
 
@@ -89,8 +92,11 @@ def measured_peak():
 
 
 def new_model():
-    m = M.Transformer(mcfg)
-    m.init_weights(seed=0)
+    if a.model:
+        m = M.from_pretrained(a.model)
+    else:
+        m = M.Transformer(mcfg)
+        m.init_weights(seed=0)
     m.grad_checkpointing = a.grad_ckpt
     return common.shard(common.add_lora(m, cfg), dist)
 
@@ -134,6 +140,9 @@ def step(algo, batch):
 
 
 peak = measured_peak()
+# the real shape's own matmul (SmolLM2-135M's MLP over 4,096 tokens): the peak that shape can reach
+from timing import matmul_flops_per_s  # noqa: E402
+peak_mlp = matmul_flops_per_s() if dev.type == "cpu" else None
 datasheet = next((v for k, v in DATASHEET_BF16.items() if dev.type == "cuda" and k in torch.cuda.get_device_name()), None)
 for algo in a.algo.split(","):
     policy = new_model()
@@ -159,13 +168,15 @@ for algo in a.algo.split(","):
     tokens = a.steps * a.batch * a.seq_len * (2 if algo == "dpo" else 1)
     mem = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
-        "algo": algo, "shape": a.shape, "layers": mcfg.num_layers, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "algo": algo, "shape": a.model or a.shape, "layers": mcfg.num_layers, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "dtype": str(dist.autocast_dtype or torch.float32).removeprefix("torch."), "seq_len": a.seq_len, "batch": a.batch,
         "grad_ckpt": a.grad_ckpt, "params_m": round(sum(p.numel() for p in policy.parameters()) / 1e6, 2),
         "lora_r": a.lora_r, "trainable_m": round(sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6, 2),
         "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt / a.steps, 4),
         "model_tflops_per_s": round(flops / dt / 1e12, 4), "peak_tflops_measured": round(peak / 1e12, 3),
         "mfu_measured": round(flops / dt / peak, 4),
+        "mfu_vs_4096x576x1536_matmul": round(flops / dt / peak_mlp, 4) if peak_mlp else None,
+        "peak_tflops_4096x576x1536": round(peak_mlp / 1e12, 3) if peak_mlp else None,
         "mfu_datasheet": round(flops / dt / datasheet, 4) if datasheet else None,
         "peak_mem_mb": round(mem / 2**20, 1), "threads": torch.get_num_threads(),
     }), flush=True)
