@@ -31,6 +31,10 @@ The KL to the reference goes either into the reward (--kl-in-reward: PPO and REI
 default; GRPO/RLOO subtract the sequence's summed KL from its score) or into the loss (GRPO and
 RLOO by default), with any estimator (--kl-estimator k1|k2|k3; default k1 in the reward, k3 in
 the loss).
+
+With --tools or --env a rollout is multi-turn episodes (agent.py): the model's turns, the tool or
+environment messages between them, one token sequence each, whose mask marks the model's sampled
+tokens only; every algorithm above trains on it unchanged (docs/agents.md).
 """
 import dataclasses
 import importlib
