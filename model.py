@@ -297,8 +297,8 @@ class Transformer(nn.Module):
         log-probs that never materialise [B, T, V]. It runs inside forward so that FSDP has the
         head's weight gathered (a separate method call would bypass FSDP's hooks)."""
         h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, pos)
-        if self.head == "score":
-            return self.score(h).squeeze(-1)
+        if self.head == "score":  # a copy, not a view: FSDP2 warns on a view (an in-place op would skip its hook)
+            return self.score(h).squeeze(-1).clone()
         return self.lm_head(h) if head_fn is None else head_fn(h, self.lm_head.weight)
 
 

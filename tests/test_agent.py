@@ -18,7 +18,7 @@ from data import chat
 from helpers import ROOT, run_script, series, tiny_model_dir
 
 # a random model's turns end early on these (and long episodes need no trained model)
-STOPS = "0,1,2,3,4,5,6,7,8,9,a,e,i,o,u"
+STOPS = "@,},0,1,2,3,4,5,6,7,8,9,a,e,i,o,u"
 SHARED_SMOLLM = os.path.join(os.path.dirname(ROOT), "shared", "models", "smollm2-135m-instruct")
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+import agent
 from data import batching, chat, formats, prepare_gsm8k, prepare_hh, task
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
@@ -324,7 +325,8 @@ def test_batch_indices_rank_aware_and_resumable():
 def test_builtin_task_files(tmp_path):
     a, b = task.ensure_task(str(tmp_path / "a")), task.ensure_task(str(tmp_path / "b"))
     names = sorted(os.listdir(a))
-    assert names == ["config.json", "test.jsonl", "tokenizer.json", "tokenizer_config.json", "train.jsonl"]
+    assert names == ["config.json", "test.jsonl", "tokenizer.json", "tokenizer_config.json", "train.jsonl",
+                     "train_tools.jsonl"]
     for f in names:  # deterministic: byte-identical in two directories
         assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
     stamp = os.stat(os.path.join(a, "train.jsonl")).st_mtime_ns
@@ -333,6 +335,10 @@ def test_builtin_task_files(tmp_path):
     assert (len(train), len(test)) == (task.N_TRAIN, task.N_TEST)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert len(formats.load_sft(os.path.join(a, "train.jsonl"))) == task.N_TRAIN  # also valid SFT data
+    tools = formats.load_sft(os.path.join(a, "train_tools.jsonl"))  # every 3rd demonstration calls the calculator
+    assert len(tools) == task.N_TRAIN and sum("messages" in r for r in tools) == -(-task.N_TRAIN // task.TOOL_DEMOS)
+    call = tools[0]["messages"][1]["content"]
+    assert agent.ToolEnv([agent.calculator]).step(call)[0][0]["content"] == tools[0]["messages"][2]["content"]
     tok = chat.load_tokenizer(a)
     cfg = json.load(open(os.path.join(a, "config.json")))
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.chat_format) == (1, 2, 0, [2], "plain")

@@ -54,9 +54,10 @@ CASES = {
                 "--batch-size", ("loss", "grad_norm")),
     "ppo": ("train_ppo.py", lambda f: ["--data", f["rl"], "--reward-fn", "data.task:reward_fn", *PPO],
             "--prompts-per-step", ("grad_norm", "value_loss", "value_grad_norm", "kl", "clipfrac")),
-    # multi-turn episodes of different lengths (agent.py), scored by the environment
+    # multi-turn episodes of different lengths (agent.py), scored by the environment; the random
+    # model's greedy turns end early on these stop tokens, so episodes take more than one turn
     "agent": ("train_ppo.py", lambda f: ["--data", f["rl"], "--env", "tests.support.envs:Countdown", *PPO,
-                                         "--max-new-tokens", "6", "--stop-tokens", "0,1,2,3,4,5,6,7,8,9,a,e,i,o,u"],
+                                         "--max-new-tokens", "6", "--stop-tokens", "@,},0,1,2,3,4,5,6,7,8,9,a,e,i,o,u"],
               "--prompts-per-step", ("grad_norm", "value_loss", "kl", "turns", "model_token_share")),
 }
 
