@@ -169,7 +169,7 @@ def test_report_to_wandb_sends_the_same_records_from_rank_0(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_loggers_are_imported_only_when_asked(tmp_path, capsys):
-    code = (f"import sys, common, loop, train_sft, train_dpo, train_ppo, train_rm, train_distill\n"
+    code = (f"import sys, common, config, loop, train_sft, train_dpo, train_ppo, train_rm, train_distill\n"
             f"log = loop.Logger(config.TrainConfig(out={str(tmp_path)!r}), common.Dist(0, 1, None, None))\n"
             "log.log(1, {'loss': 1.0})\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'tensorboard', 'tensorboardX')"
