@@ -26,6 +26,9 @@ from data import chat
 
 ATOL = 2e-4
 
+# each test loads the 135M model (some two or four copies): not in the fast loop
+pytestmark = pytest.mark.slow
+
 
 def msg(role, content):
     return {"role": role, "content": content}
