@@ -18,7 +18,7 @@ runs/recipes: data in DIR/data, each run in DIR/<recipe>-s<seed>, its JSON in re
 The model directory is made if missing, from ../shared/models/smollm2-135m-instruct/to_hf.py (needs
 the gguf package), into $NANOTRL_CACHE/smollm2-135m-instruct (default ~/.cache/nanotrl/...).
 Every training hyperparameter is passed as a flag, none left to a script's defaults.
-Results, the machine and what each figure means: docs/real-model.md.
+Results, the machine and what each figure means: docs/real-models.md ("SmolLM2-135M-Instruct").
 """
 import argparse
 import gc
@@ -150,7 +150,7 @@ def recipe_sft(a):
     questions = formats.load_prompts(os.path.join(test_dir, "rl.jsonl"))[:GSM8K_HELD_OUT]
     flags = ["--model", a.model, "--data", train, "--eval-data", test_sft, "--out", a.run, "--overwrite",
              "--packing", "true", "--train-on-prompt", "false", "--max-length", "512", "--batch-size", "2",
-             "--grad-accum", "1", "--max-steps", "16", "--lr", "2e-5", "--warmup-steps", "2", "--min-lr-ratio", "0.1",
+             "--grad-accum", "1", "--max-steps", "20", "--lr", "2e-5", "--warmup-steps", "2", "--min-lr-ratio", "0.1",
              "--weight-decay", "0", "--grad-clip", "1.0", "--lora-r", "0",
              "--dtype", "fp32", "--chunk-size", "256", "--eval-every", "0", "--log-every", "1", "--save-every", "0",
              "--seed", str(a.seed)]
