@@ -10,6 +10,7 @@ JSON object on stdout (progress goes to stderr):
     python recipes/smollm2.py dpo --seed 0          # DPO with LoRA on HH-RLHF harmless pairs
     python recipes/smollm2.py rm --seed 0           # a reward model on the same pairs
     python recipes/smollm2.py sft --seed 0          # SFT on GSM8K worked solutions (--packing)
+    python recipes/smollm2.py agent --seed 1        # GRPO with the calculator tool, two-digit +
 
 Options: --seed N (training seed, default 0), --nproc N (processes, default 2), --out DIR (default
 runs/recipes: data in DIR/data, each run in DIR/<recipe>-s<seed>, its JSON in result.json there),
@@ -87,6 +88,40 @@ def recipe_grpo(a, qlora=False):
                                                  "held_out_prompts": len(held_out)},
             "metric": "held-out greedy exact match of the first integer (the reward), additions and products",
             "before": before, "after": after,
+            "train_reward_first_last_3": [mean(rewards[:3]), mean(rewards[-3:])], **run}
+
+
+def recipe_agent(a):
+    """GRPO on two-digit additions with --tools agent:calculator (one call, then the answer). Before
+    and after: train_ppo.py's own greedy episodes on the held-out prompts (eval/accuracy,
+    eval/tool_call_rate); the no-tool baseline: greedy answers to the same questions asked alone."""
+    data = prepare(a, "arith2", [sys.executable, "-m", "data.prepare_arith", "--tools", os.path.join(a.data, "arith2")])
+    train, test = os.path.join(data, "train.jsonl"), os.path.join(data, "test.jsonl")
+    flags = grpo_flags(a.seed, qlora=False)
+    for flag, value in (("--max-steps", "6"), ("--max-new-tokens", "40"), ("--max-prompt-length", "512"),
+                        ("--grad-accum", "4")):  # a prompt is ~300 tokens: 4 rows per backward, not 16
+        flags[flags.index(flag) + 1] = value
+    cmd = torchrun(a, "train_ppo.py", ["--model", a.model, "--data", train, "--eval-data", test, "--out", a.run,
+                                       "--overwrite", "--tools", "agent:calculator", "--max-tool-calls", "1",
+                                       "--max-turns", "2", "--describe-tools", "true", "--tool-timeout", "5"] + flags)
+    if a.dry_run:
+        return {"command": shlex.join(cmd)}
+    plain = formats.load_prompts(os.path.join(data, "plain.jsonl"))
+    t = time.time()
+    texts, _ = greedy(load_lm(a.model), chat.load_tokenizer(a.model), plain, 16, batch_size=64)
+    baseline = {"accuracy": round(mean([prepare_arith.is_correct(x, r["answer"]) for r, x in zip(plain, texts)]), 4),
+                "last_integer_accuracy": round(mean([prepare_arith.last_integer(x) == r["answer"]
+                                                     for r, x in zip(plain, texts)]), 4),
+                "examples": texts[:3], "eval_s": round(time.time() - t, 1)}
+    run = train_run(cmd, a)
+    first, last = evals(a.run)
+    pick = ("eval/accuracy", "eval/tool_call_rate")
+    rewards = [r["reward"] for r in metrics(a.run) if "reward" in r]
+    return {"command": shlex.join(cmd), "data": {"train_prompts": len(formats.load_prompts(train)),
+                                                 "held_out_prompts": len(plain)},
+            "metric": "held-out greedy episodes: exact match of the answer's first integer, and the share "
+                      "of episodes that called the calculator; no_tool: the question alone, no tool",
+            "no_tool": baseline, "before": {k: first[k] for k in pick}, "after": {k: last[k] for k in pick},
             "train_reward_first_last_3": [mean(rewards[:3]), mean(rewards[-3:])], **run}
 
 
@@ -169,7 +204,7 @@ def recipe_sft(a):
 
 
 RECIPES = {"grpo": recipe_grpo, "qlora-grpo": lambda a: recipe_grpo(a, qlora=True), "dpo": recipe_dpo,
-           "rm": recipe_rm, "sft": recipe_sft}
+           "rm": recipe_rm, "sft": recipe_sft, "agent": recipe_agent}
 
 
 # ----------------------------------------------------------------------------- data
