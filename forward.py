@@ -82,7 +82,8 @@ class Samples:
     episodes: object = None  # multi-turn: agent.Episodes (mask then marks the model's turns only)
 
 
-def generate(model, tok, prompts, dist, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None) -> Samples:
+def generate(model, tok, prompts, dist, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None,
+             group=1) -> Samples:
     """Completions to `prompts` (lists of token ids), batched, with the KV cache; the model is left
     in the train/eval mode it had. Call it inside `common.unsharded(model)`, held over all of a
     rank's calls: ranks decode different lengths and numbers of batches, so no per-layer
@@ -93,7 +94,7 @@ def generate(model, tok, prompts, dist, max_new_tokens, temperature=1.0, top_k=0
     model.eval()
     with torch.no_grad(), common.autocast(dist):
         seqs, cmask = M.generate(model, ids, pmask, max_new_tokens, temperature, top_k or None, top_p,
-                                 eos_ids=tok.stop_ids, pad_id=tok.pad_id, generator=generator)
+                                 eos_ids=tok.stop_ids, pad_id=tok.pad_id, generator=generator, group=group)
     model.train(was_training)
     P = ids.shape[1]
     rows, keep = seqs[:, P:].tolist(), cmask.tolist()
@@ -118,24 +119,59 @@ def eval_accuracy(model, tok, records, dist, is_correct, max_new_tokens, batch_s
 
 # ----------------------------------------------------------------------------- log-probs of samples
 
-def completion_logps(model, samples: Samples, dist, chunk_size, temperature=1.0, entropy=False, rows=None):
+def completion_logps(model, samples: Samples, dist, chunk_size, temperature=1.0, entropy=False, rows=None,
+                     group=1):
     """Log-probs [N, L] of the completion tokens under `model` (and, optionally, the per-token
     entropy [N, L]), for all samples or the `rows` given. Position P - 1 + i predicts completion
     token i. The distribution is the one the rollout sampled from, softmax(logits / temperature)
     (hidden / T through the linear head is logits / T; greedy rollouts: the untempered one);
-    top-k/top-p truncation is not modelled, as in TRL."""
+    top-k/top-p truncation is not modelled, as in TRL.
+    group > 1: where every run of `group` rows shares one prompt (GRPO's groups), each prompt is
+    computed once (shared_prompt_rows): the same values, (G - 1) * P fewer tokens per group."""
     seqs, attn = (samples.seqs, samples.attn) if rows is None else (samples.seqs[rows], samples.attn[rows])
     P, temperature = samples.prompt_len, temperature or 1.0
-    labels = torch.roll(seqs, -1, dims=1)
+    labels = seqs[:, P:]  # position P - 1 + i predicts completion token i
+    shared = shared_prompt_rows(seqs, attn, P, group) if group > 1 and samples.episodes is None else None
 
     def head(h, w):
-        h = h[:, P - 1:-1] / temperature
-        lp = losses.logprobs_from_hidden(h, w, labels[:, P - 1:-1], chunk_size)
+        h = (h[:, P - 1:-1] if shared is None else h.flatten(0, 1)[shared["index"]]) / temperature
+        lp = losses.logprobs_from_hidden(h, w, labels, chunk_size)
         # entropy is a metric: detached, so that a training forward keeps no graph of its [chunk, V] logits
         return (lp, losses.entropy_from_hidden(h.detach(), w.detach(), chunk_size)) if entropy else lp
 
     with common.autocast(dist):
-        return model(seqs, attn, head_fn=head)
+        if shared is None:
+            return model(seqs, attn, head_fn=head)
+        return model(shared["input_ids"], shared["attention_mask"], shared["position_ids"], head_fn=head)
+
+
+def shared_prompt_rows(seqs, attn, P, G):
+    """Rows [N, P + L] (left-padded prompts, right-padded completions) whose prompts repeat in runs
+    of G -> one row per run, [N / G, P + G * L]: the prompt once, then its G completions, each
+    attending to the prompt and to itself only, its positions continuing the prompt's. Returns
+    input_ids, position_ids, a bool attention_mask [N / G, 1, T, T] and index [N, L], the flat
+    position in [N / G * T] whose hidden state predicts each completion token. None when the rows
+    do not come in such runs. A causal model gives every real token the same hidden state as in
+    the unshared rows, as collate_preference_shared does for DPO's pairs."""
+    N, L = seqs.shape[0], seqs.shape[1] - P
+    if N % G or not (seqs[:, :P].view(-1, G, P) == seqs[::G, None, :P]).all() \
+            or not (attn[:, :P].view(-1, G, P) == attn[::G, None, :P]).all():
+        return None
+    B, T, dev = N // G, P + G * L, seqs.device
+    ids = torch.cat([seqs[::G, :P], seqs[:, P:].reshape(B, G * L)], 1)
+    a_prompt, a_comp = attn[::G, :P], attn[:, P:].reshape(B, G, L)
+    real = torch.cat([a_prompt, a_comp.reshape(B, G * L)], 1).bool()
+    pos_prompt = (a_prompt.cumsum(1) - 1).clamp(min=0)  # as model.hidden_states counts them from a 2-D mask
+    pos_comp = (a_prompt.sum(1)[:, None, None] + a_comp.cumsum(2) - 1).clamp(min=0).reshape(B, G * L)
+    seg = torch.cat([torch.zeros(P, dtype=torch.long, device=dev), torch.arange(1, G + 1, device=dev).repeat_interleave(L)])
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    sees = causal & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))  # [T, T]: the prompt, or its own completion
+    mask = sees[None] & real[:, None, :] | torch.eye(T, dtype=torch.bool, device=dev)  # a pad sees itself (no empty row)
+    at = torch.arange(L, device=dev)
+    local = torch.where(at == 0, P - 1, P + torch.arange(G, device=dev)[:, None] * L + at - 1)  # [G, L]
+    index = (torch.arange(B, device=dev)[:, None, None] * T + local).reshape(N, L)
+    return {"input_ids": ids, "position_ids": torch.cat([pos_prompt, pos_comp], 1), "attention_mask": mask[:, None],
+            "index": index}
 
 
 def completion_values(critic, samples: Samples, dist, rows=None):

@@ -691,13 +691,15 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
 
 @torch.no_grad()
 def generate(model: Transformer, input_ids, attention_mask=None, max_new_tokens=32, temperature=1.0,
-             top_k=None, top_p=None, eos_ids=(), pad_id=0, generator=None):
+             top_k=None, top_p=None, eos_ids=(), pad_id=0, generator=None, group=1):
     """Batched sampling with a preallocated KV cache.
 
     input_ids [B, P] left-padded prompts, attention_mask [B, P] (1 real, 0 pad).
     Returns tokens [B, P + N] (prompt, then completion) and completion_mask [B, N]: 1 for generated
     tokens up to and including the first EOS, 0 after it (those positions hold pad_id). N <= max_new_tokens:
     the loop stops early once every sequence has finished.
+    group > 1: where the rows come in runs of `group` identical prompts (GRPO's groups), each prompt
+    is prefilled once and its cache copied to the run's rows.
     """
     cfg, (B, P), dev = model.cfg, input_ids.shape, input_ids.device
     if attention_mask is None:
@@ -713,7 +715,17 @@ def generate(model: Transformer, input_ids, attention_mask=None, max_new_tokens=
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out, alive = [], []
     # the prompt's last position only: [B, P, V] logits of a long prompt and a large vocabulary are GBs
-    logits = model(input_ids, mask[:, :P], kv_cache=cache, pos=0, head_fn=lambda h, w: F.linear(h[:, -1], w))
+    last = lambda h, w: F.linear(h[:, -1], w)  # noqa: E731
+    G = group if group > 1 and B % group == 0 and torch.equal(input_ids[::group].repeat_interleave(group, 0), input_ids) \
+        and torch.equal(attention_mask[::group].repeat_interleave(group, 0), attention_mask) else 1
+    if G == 1:
+        logits = model(input_ids, mask[:, :P], kv_cache=cache, pos=0, head_fn=last)
+    else:
+        once = [tuple(torch.empty(B // G, cfg.num_kv_heads, P, cfg.head_dim, dtype=dtype, device=dev) for _ in "kv")
+                for _ in range(cfg.num_layers)]
+        logits = model(input_ids[::G], mask[::G, :P], kv_cache=once, pos=0, head_fn=last).repeat_interleave(G, 0)
+        for (k, v), (k1, v1) in zip(cache, once):
+            k[:, :, :P], v[:, :, :P] = k1.repeat_interleave(G, 0), v1.repeat_interleave(G, 0)
     for t in range(max_new_tokens):
         tok = sample(logits, temperature, top_k, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)

@@ -101,6 +101,7 @@ class PPOConfig(config.TrainConfig):
     top_p: float = 1.0           # nucleus sampling
     max_new_tokens: int = 16     # response length cap
     max_prompt_length: int = 128  # prompt tokens kept (from the end)
+    share_prompt: bool = True    # each group's prompt computed once, in sampling's prefill and the log-prob forwards
     missing_eos_penalty: float = 0.0  # subtracted from the score of completions that never emitted EOS
     stop_tokens: str = ""        # more tokens that end a completion, comma-separated (EOS and end-of-turn always do)
     tools: str = ""              # multi-turn: functions the model may call, module:function,... (agent.py; agent:calculator)
@@ -191,7 +192,7 @@ def sample(policy, tok, picked, cfg: PPOConfig, dist, step, make_env=None, greed
         prompts = [p["prompt_ids"] for p in picked for _ in range(group)]
         with common.unsharded(policy):
             return forward.generate(policy, tok, prompts, dist, cfg.max_new_tokens, temperature, cfg.top_k,
-                                    cfg.top_p, generator=g)
+                                    cfg.top_p, generator=g, group=group if cfg.share_prompt else 1)
     records = [p["record"] for p in picked for _ in range(group)]
     was_training = policy.training
     policy.eval()
@@ -272,6 +273,11 @@ def old_logps_from_update(cfg: PPOConfig, kl_in_reward, ref):
     return cfg.ppo_epochs == 1 and cfg.minibatches == 1 and not (kl_in_reward and ref is not None)
 
 
+def shared_group(cfg: PPOConfig):
+    """The rows that share a prompt in the log-prob forwards (forward.shared_prompt_rows): a group."""
+    return cfg.group_size if cfg.share_prompt and cfg.algo != "online_dpo" else 1
+
+
 @torch.no_grad()
 def advantages(samples, scores, raw_scores, policy, ref, critic, cfg: PPOConfig, dist, kl_in_reward, kl_estimator):
     """Advantages: the old and reference log-probs (and PPO's values), the KL penalty where it
@@ -282,10 +288,10 @@ def advantages(samples, scores, raw_scores, policy, ref, critic, cfg: PPOConfig,
         old_logps, entropy = torch.zeros_like(mask), torch.zeros_like(mask)
     else:
         old_logps, entropy = forward.completion_logps(policy, samples, dist, cfg.chunk_size, cfg.temperature,
-                                                      entropy=True)
+                                                      entropy=True, group=shared_group(cfg))
     with lora.adapters_disabled(ref) if ref is not None else nullcontext():
-        ref_logps = forward.completion_logps(ref, samples, dist, cfg.chunk_size, cfg.temperature) \
-            if ref is not None else old_logps
+        ref_logps = forward.completion_logps(ref, samples, dist, cfg.chunk_size, cfg.temperature,
+                                             group=shared_group(cfg)) if ref is not None else old_logps
     penalty = cfg.beta * losses.kl_penalty(old_logps, ref_logps, kl_estimator) * mask if kl_in_reward \
         else torch.zeros_like(mask)  # per token
     rollout = Rollout(samples, scores, raw_scores, old_logps, ref_logps, entropy, None, old_from_update=deferred)
@@ -338,7 +344,7 @@ def update(rollout: Rollout, policy, opt, ref, critic, vopt, cfg: PPOConfig, dis
     --grad-accum micro-batches, loop.accumulate), the policy's surrogate (+ beta * KL when it is
     not in the reward), and PPO's critic on the same rows. Returns the stats, means over the steps."""
     s, mask, n = rollout.samples, rollout.samples.mask, len(rollout.samples.mask)
-    pref = rollout.advantages[:, 0]
+    pref, G = rollout.advantages[:, 0], shared_group(cfg)
     agg = dict(agg=cfg.loss_agg, max_len=cfg.max_new_tokens)
 
     def count(rows):
@@ -349,10 +355,10 @@ def update(rollout: Rollout, policy, opt, ref, critic, vopt, cfg: PPOConfig, dis
     def policy_loss(rows, totals):
         if rollout.old_from_update:  # the sampling policy itself: its log-probs are the old ones (ratio 1)
             logps, entropy = forward.completion_logps(policy, s, dist, cfg.chunk_size, cfg.temperature, entropy=True,
-                                                      rows=rows)
+                                                      rows=rows, group=G)
             rollout.old_logps[rows], rollout.entropy[rows] = logps.detach(), entropy  # ref_logps too without a ref
         else:
-            logps = forward.completion_logps(policy, s, dist, cfg.chunk_size, cfg.temperature, rows=rows)
+            logps = forward.completion_logps(policy, s, dist, cfg.chunk_size, cfg.temperature, rows=rows, group=G)
         m, old, adv = mask[rows], rollout.old_logps[rows], rollout.advantages[rows]
         norm = dict(agg, num_tokens=totals["tokens"], num_sequences=totals["sequences"])
         if cfg.algo == "online_dpo":
@@ -383,6 +389,8 @@ def update(rollout: Rollout, policy, opt, ref, critic, vopt, cfg: PPOConfig, dis
         g = torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch)
         if cfg.algo == "online_dpo":  # shuffle pairs, keeping each pair's two rows together
             order = (torch.randperm(n // 2, generator=g)[:, None] * 2 + torch.arange(2)).view(-1)
+        elif G > 1 and s.episodes is None and (n // (cfg.minibatches * cfg.grad_accum)) % G == 0:
+            order = (torch.randperm(n // G, generator=g)[:, None] * G + torch.arange(G)).view(-1)  # whole groups
         else:
             order = torch.randperm(n, generator=g)
         for mb in micro_batches(order.to(dist.device), cfg.minibatches):
