@@ -715,7 +715,8 @@ def generate(model: Transformer, input_ids, attention_mask=None, max_new_tokens=
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out, alive = [], []
     # the prompt's last position only: [B, P, V] logits of a long prompt and a large vocabulary are GBs
-    last = lambda h, w: F.linear(h[:, -1], w)  # noqa: E731
+    def last(h, w):
+        return F.linear(h[:, -1], w)
     G = group if group > 1 and B % group == 0 and torch.equal(input_ids[::group].repeat_interleave(group, 0), input_ids) \
         and torch.equal(attention_mask[::group].repeat_interleave(group, 0), attention_mask) else 1
     if G == 1:

@@ -101,7 +101,7 @@ class PPOConfig(config.TrainConfig):
     top_p: float = 1.0           # nucleus sampling
     max_new_tokens: int = 16     # response length cap
     max_prompt_length: int = 128  # prompt tokens kept (from the end)
-    share_prompt: bool = True    # each group's prompt computed once, in sampling's prefill and the log-prob forwards
+    share_prompt: bool = True    # each group's prompt computed once in sampling and log-probs (single-turn, not online_dpo)
     missing_eos_penalty: float = 0.0  # subtracted from the score of completions that never emitted EOS
     stop_tokens: str = ""        # more tokens that end a completion, comma-separated (EOS and end-of-turn always do)
     tools: str = ""              # multi-turn: functions the model may call, module:function,... (agent.py; agent:calculator)
