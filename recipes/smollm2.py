@@ -1,5 +1,5 @@
 """
-Five post-training recipes on a real model, SmolLM2-135M-Instruct, each one command. A recipe
+Six post-training recipes on a real model, SmolLM2-135M-Instruct, each one command. A recipe
 prepares its data with the project's prepare scripts (a fixed train/held-out split: the --seed
 never changes it), measures the held-out metric, trains with `torchrun --standalone
 --nproc_per_node 2 train_X.py` (CPU processes, gloo), measures the metric again, and prints one
@@ -99,7 +99,7 @@ def recipe_agent(a):
     train, test = os.path.join(data, "train.jsonl"), os.path.join(data, "test.jsonl")
     flags = grpo_flags(a.seed, qlora=False)
     for flag, value in (("--max-steps", "6"), ("--max-new-tokens", "40"), ("--max-prompt-length", "512"),
-                        ("--grad-accum", "4")):  # a prompt is ~300 tokens: 4 rows per backward, not 16
+                        ("--grad-accum", "4")):  # 243-token prompts: 4 rows per backward, not 16 (OOM)
         flags[flags.index(flag) + 1] = value
     cmd = torchrun(a, "train_ppo.py", ["--model", a.model, "--data", train, "--eval-data", test, "--out", a.run,
                                        "--overwrite", "--tools", "agent:calculator", "--max-tool-calls", "1",
