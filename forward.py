@@ -154,8 +154,7 @@ def shared_prompt_rows(seqs, attn, P, G):
     do not come in such runs. A causal model gives every real token the same hidden state as in
     the unshared rows, as collate_preference_shared does for DPO's pairs."""
     N, L = seqs.shape[0], seqs.shape[1] - P
-    if N % G or not (seqs[:, :P].view(-1, G, P) == seqs[::G, None, :P]).all() \
-            or not (attn[:, :P].view(-1, G, P) == attn[::G, None, :P]).all():
+    if not (M.in_runs(seqs[:, :P], G) and M.in_runs(attn[:, :P], G)):
         return None
     B, T, dev = N // G, P + G * L, seqs.device
     ids = torch.cat([seqs[::G, :P], seqs[:, P:].reshape(B, G * L)], 1)

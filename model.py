@@ -689,6 +689,11 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
+def in_runs(rows, G) -> bool:
+    """Whether rows [N, ...] come in runs of G identical rows (GRPO's groups of one prompt)."""
+    return rows.shape[0] % G == 0 and bool((rows.view(-1, G, *rows.shape[1:]) == rows[::G, None]).all())
+
+
 @torch.no_grad()
 def generate(model: Transformer, input_ids, attention_mask=None, max_new_tokens=32, temperature=1.0,
              top_k=None, top_p=None, eos_ids=(), pad_id=0, generator=None, group=1):
@@ -717,8 +722,7 @@ def generate(model: Transformer, input_ids, attention_mask=None, max_new_tokens=
     # the prompt's last position only: [B, P, V] logits of a long prompt and a large vocabulary are GBs
     def last(h, w):
         return F.linear(h[:, -1], w)
-    G = group if group > 1 and B % group == 0 and torch.equal(input_ids[::group].repeat_interleave(group, 0), input_ids) \
-        and torch.equal(attention_mask[::group].repeat_interleave(group, 0), attention_mask) else 1
+    G = group if group > 1 and in_runs(input_ids, group) and in_runs(attention_mask, group) else 1
     if G == 1:
         logits = model(input_ids, mask[:, :P], kv_cache=cache, pos=0, head_fn=last)
     else:

@@ -76,13 +76,13 @@ for step in range(a.warmup + a.steps):
 c, G, n_prompts = policy.cfg, cfg.group_size, len(PROMPTS)
 body = sum(p.numel() for n, p in policy.named_parameters() if "embed" not in n and "lm_head" not in n)
 head = 2 * c.vocab_size * c.hidden_size
-P, L, n_rows = samples.prompt_len, cfg.max_new_tokens, len(PROMPTS) * G
+P, L, n_rows = samples.prompt_len, cfg.max_new_tokens, n_prompts * G
 prompt_rows = n_prompts if cfg.share_prompt else n_rows
 sample_flops = 2 * body * (prompt_rows * P + n_rows * (L - 1)) + head * (prompt_rows + n_rows * (L - 1))
 update_flops = 3 * (2 * body * (prompt_rows * P + n_rows * L) + head * n_rows * L)
 peak = timing.matmul_flops_per_s()
 step_s = statistics.median(times["step"])
-rec = {"impl": "nanotrl", "step_s": round(statistics.median(times["step"]), 3),
+rec = {"impl": "nanotrl", "step_s": round(step_s, 3),
        **{f"{k}_s": round(statistics.median(v), 3) for k, v in times.items() if k != "step"},
        "steps_all_s": [round(x, 3) for x in times["step"]], "load_s": round(load_s, 3),
        "old_logps_from_update": train_ppo.old_logps_from_update(cfg, kl_in_reward, ref),

@@ -56,18 +56,20 @@ ARITH_MAX_NEW = 8       # the answer is a number: "The answer is 14." is 7 token
 
 # ----------------------------------------------------------------------------- the recipes
 
-def grpo_flags(seed, qlora):
-    """train_ppo.py --algo grpo on one-digit arithmetic; --reward-fn always (never the task default)."""
+def grpo_flags(seed, qlora, max_steps=12, max_new_tokens=ARITH_MAX_NEW, max_prompt_length=128, grad_accum=1):
+    """train_ppo.py --algo grpo on arithmetic; --reward-fn always (never the task default)."""
+    if qlora:  # twice the steps: the NF4 start is weaker (fewer rewarded samples per step)
+        max_steps *= 2
     flags = ["--algo", "grpo", "--loss", "ppo", "--importance-level", "token", "--reward-fn", "data.prepare_arith:reward",
-             "--max-steps", "12", "--prompts-per-step", "4", "--group-size", "8", "--ppo-epochs", "1",
-             "--minibatches", "1", "--grad-accum", "1", "--beta", "0", "--clip-eps", "0.2", "--clip-eps-high", "0",
-             "--loss-agg", "dapo", "--scale-rewards", "true", "--temperature", "1.0", "--top-k", "0", "--top-p", "1.0",
-             "--max-new-tokens", str(ARITH_MAX_NEW), "--max-prompt-length", "128", "--missing-eos-penalty", "0",
+             "--max-steps", str(max_steps), "--prompts-per-step", "4", "--group-size", "8", "--ppo-epochs", "1",
+             "--minibatches", "1", "--grad-accum", str(grad_accum), "--beta", "0", "--clip-eps", "0.2",
+             "--clip-eps-high", "0", "--loss-agg", "dapo", "--scale-rewards", "true", "--temperature", "1.0",
+             "--top-k", "0", "--top-p", "1.0", "--max-new-tokens", str(max_new_tokens),
+             "--max-prompt-length", str(max_prompt_length), "--missing-eos-penalty", "0",
              "--warmup-steps", "0", "--min-lr-ratio", "1.0", "--weight-decay", "0", "--grad-clip", "1.0",
              "--dtype", "fp32", "--chunk-size", "256", "--eval-every", "0", "--log-every", "1", "--save-every", "0",
              "--seed", str(seed)]
-    if qlora:  # twice the steps: the NF4 start is weaker (fewer rewarded samples per step)
-        flags[flags.index("--max-steps") + 1] = "24"
+    if qlora:
         return flags + ["--lr", "3e-4", "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0",
                         "--lora-targets", "all-linear", "--quantize", "nf4"]
     return flags + ["--lr", "1e-5", "--lora-r", "0"]
@@ -98,10 +100,8 @@ def recipe_agent(a):
     eval/tool_call_rate); the no-tool baseline: greedy answers to the same questions asked alone."""
     data = prepare(a, "arith2", [sys.executable, "-m", "data.prepare_arith", "--tools", os.path.join(a.data, "arith2")])
     train, test = os.path.join(data, "train.jsonl"), os.path.join(data, "test.jsonl")
-    flags = grpo_flags(a.seed, qlora=False)
-    for flag, value in (("--max-steps", "6"), ("--max-new-tokens", "40"), ("--max-prompt-length", "512"),
-                        ("--grad-accum", "4")):  # 243-token prompts: 4 rows per backward, not 16 (OOM)
-        flags[flags.index(flag) + 1] = value
+    # 243-token prompts: 4 rows per backward, not 16 (OOM)
+    flags = grpo_flags(a.seed, qlora=False, max_steps=6, max_new_tokens=40, max_prompt_length=512, grad_accum=4)
     cmd = torchrun(a, "train_ppo.py", ["--model", a.model, "--data", train, "--eval-data", test, "--out", a.run,
                                        "--overwrite", "--tools", "agent:calculator", "--max-tool-calls", "1",
                                        "--max-turns", "2", "--describe-tools", "true", "--tool-timeout", "5"] + flags)
@@ -126,17 +126,22 @@ def recipe_agent(a):
             "train_reward_first_last_3": [mean(rewards[:3]), mean(rewards[-3:])], **run}
 
 
+def pair_flags(a, data, lr, max_steps):
+    """The flags the DPO and reward-model recipes share: HH-RLHF pairs, 8 per process per step."""
+    return ["--model", a.model, "--data", os.path.join(data, "train.jsonl"),
+            "--eval-data", os.path.join(data, "test.jsonl"), "--out", a.run, "--overwrite",
+            "--lr", lr, "--warmup-steps", "2", "--min-lr-ratio", "0.1", "--weight-decay", "0", "--grad-clip", "1.0",
+            "--max-steps", str(max_steps), "--batch-size", "8", "--grad-accum", "1", "--max-length", "128",
+            "--max-prompt-length", "64", "--dtype", "fp32", "--chunk-size", "256", "--eval-every", "0",
+            "--log-every", "1", "--save-every", "0", "--seed", str(a.seed)]
+
+
 def recipe_dpo(a):
     data = hh_split(a)
-    flags = ["--model", a.model, "--data", os.path.join(data, "train.jsonl"),
-             "--eval-data", os.path.join(data, "test.jsonl"), "--out", a.run, "--overwrite",
-             "--loss", "sigmoid", "--beta", "0.1", "--rpo-alpha", "0", "--label-smoothing", "0",
-             "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--lora-targets", "all-linear",
-             "--lr", "5e-4", "--warmup-steps", "2", "--min-lr-ratio", "0.1", "--weight-decay", "0", "--grad-clip", "1.0",
-             "--max-steps", "30", "--batch-size", "8", "--grad-accum", "1", "--max-length", "128",
-             "--max-prompt-length", "64", "--share-prompt", "true", "--precompute-ref", "false",
-             "--dtype", "fp32", "--chunk-size", "256", "--eval-every", "0", "--log-every", "1", "--save-every", "0",
-             "--seed", str(a.seed)]
+    flags = pair_flags(a, data, "5e-4", 30) + [
+        "--loss", "sigmoid", "--beta", "0.1", "--rpo-alpha", "0", "--label-smoothing", "0",
+        "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--lora-targets", "all-linear",
+        "--share-prompt", "true", "--precompute-ref", "false"]
     cmd = torchrun(a, "train_dpo.py", flags)
     if a.dry_run:
         return {"command": shlex.join(cmd)}
@@ -154,13 +159,7 @@ def recipe_dpo(a):
 
 def recipe_rm(a):
     data = hh_split(a)
-    flags = ["--model", a.model, "--data", os.path.join(data, "train.jsonl"),
-             "--eval-data", os.path.join(data, "test.jsonl"), "--out", a.run, "--overwrite",
-             "--lr", "3e-5", "--warmup-steps", "2", "--min-lr-ratio", "0.1", "--weight-decay", "0", "--grad-clip", "1.0",
-             "--max-steps", "20", "--batch-size", "8", "--grad-accum", "1", "--max-length", "128",
-             "--max-prompt-length", "64", "--center-coef", "0", "--use-margin", "false", "--lora-r", "0",
-             "--dtype", "fp32", "--chunk-size", "256", "--eval-every", "0", "--log-every", "1", "--save-every", "0",
-             "--seed", str(a.seed)]
+    flags = pair_flags(a, data, "3e-5", 20) + ["--center-coef", "0", "--use-margin", "false", "--lora-r", "0"]
     cmd = torchrun(a, "train_rm.py", flags)
     if a.dry_run:
         return {"command": shlex.join(cmd)}
