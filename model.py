@@ -146,11 +146,14 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, rope, mask, cache=None, pos=0):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+    def forward(self, x, rope, mask, cache=None, pos=0, real=None):
+        """x [B, T, D]; or, with real [B, T] (bool), only those positions, packed [N, D]."""
+        B, T = x.shape[:2] if real is None else real.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if real is not None:  # attention and the cache take the padded layout; padding gets zeros
+            q, k, v = (t.new_zeros(B, T, t.shape[-1]).masked_scatter_(real[..., None], t) for t in (q, k, v))
+        q, k = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd)
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, T, hd]
@@ -162,7 +165,8 @@ class Attention(nn.Module):
             k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.nh != self.nkv)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+        return self.o_proj(y if real is None else y[real])
 
 
 class MLP(nn.Module):
@@ -188,8 +192,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache=None, pos=0):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, pos)
+    def forward(self, x, rope, mask, cache=None, pos=0, real=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, pos, real)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -257,11 +261,14 @@ class Transformer(nn.Module):
         w = torch.randn(self.score.weight.shape, generator=g) / math.sqrt(self.cfg.hidden_size + 1)
         self.score.weight.data.copy_(w.to(self.score.weight.dtype))
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, pos=0):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, pos=0,
+                      skip_padding=False):
         """Final hidden states [B, T, D] (after the last norm). With a kv_cache, `attention_mask`
         covers all pos + T keys and `pos` is where this call's tokens go in the cache.
         `attention_mask` may also be a ready bool mask [B, 1, T, S] (True = may attend), used as
-        is; then pass position_ids too (data/batching.py's shared-prompt preference rows do)."""
+        is; then pass position_ids too (data/batching.py's shared-prompt preference rows do).
+        skip_padding: every layer but attention runs on the real positions only (generation's
+        prefill of left-padded prompts); the padding positions' hidden states are then zeros."""
         cfg, B, T = self.cfg, input_ids.shape[0], input_ids.shape[1]
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 4:
@@ -283,20 +290,29 @@ class Transformer(nn.Module):
         mask = attention_mask if attention_mask is None or attention_mask.dim() == 4 else attention_bias(attention_mask, T)
         if mask is None and kv_cache is not None and pos > 0:
             raise ValueError("decoding with a KV cache needs the attention_mask over all keys")
+        real = None
+        if skip_padding and attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask[:, -T:] > 0
+            if bool(real.all()):
+                real = None
+            else:  # [N, D]: a quarter of a batch of 20-40-token prompts is padding
+                x = x[real]
         for i, layer in enumerate(self.model.layers):
             if self.grad_checkpointing and torch.is_grad_enabled():  # recompute activations in backward
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, None, 0, real, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, None if kv_cache is None else kv_cache[i], pos)
-        return self.model.norm(x)
+                x = layer(x, rope, mask, None if kv_cache is None else kv_cache[i], pos, real)
+        h = self.model.norm(x)
+        return h if real is None else h.new_zeros(B, T, h.shape[-1]).masked_scatter_(real[..., None], h)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, pos=0, head_fn=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, pos=0, head_fn=None,
+                skip_padding=False):
         """LM head: logits [B, T, V]. Score head: scores [B, T] (one scalar per position).
 
         head_fn(hidden [B, T, D], lm_head_weight [V, D]) replaces the LM head, e.g. with chunked
         log-probs that never materialise [B, T, V]. It runs inside forward so that FSDP has the
         head's weight gathered (a separate method call would bypass FSDP's hooks)."""
-        h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, pos)
+        h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, pos, skip_padding)
         if self.head == "score":  # a copy, not a view: FSDP2 warns on a view (an in-place op would skip its hook)
             return self.score(h).squeeze(-1).clone()
         return self.lm_head(h) if head_fn is None else head_fn(h, self.lm_head.weight)
@@ -724,11 +740,12 @@ def generate(model: Transformer, input_ids, attention_mask=None, max_new_tokens=
         return F.linear(h[:, -1], w)
     G = group if group > 1 and in_runs(input_ids, group) and in_runs(attention_mask, group) else 1
     if G == 1:
-        logits = model(input_ids, mask[:, :P], kv_cache=cache, pos=0, head_fn=last)
+        logits = model(input_ids, mask[:, :P], kv_cache=cache, pos=0, head_fn=last, skip_padding=True)
     else:
         once = [tuple(torch.empty(B // G, cfg.num_kv_heads, P, cfg.head_dim, dtype=dtype, device=dev) for _ in "kv")
                 for _ in range(cfg.num_layers)]
-        logits = model(input_ids[::G], mask[::G, :P], kv_cache=once, pos=0, head_fn=last).repeat_interleave(G, 0)
+        logits = model(input_ids[::G], mask[::G, :P], kv_cache=once, pos=0, head_fn=last,
+                       skip_padding=True).repeat_interleave(G, 0)
         for (k, v), (k1, v1) in zip(cache, once):
             k[:, :, :P], v[:, :, :P] = k1.repeat_interleave(G, 0), v1.repeat_interleave(G, 0)
     for t in range(max_new_tokens):

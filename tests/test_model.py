@@ -144,6 +144,25 @@ def test_kv_cache_decode_equals_full_forward(pair):
     assert (inc - full)[mask.bool()].abs().max() < 1e-5
 
 
+def test_prefill_skipping_padding_equals_padded(pair):
+    """generate's prefill runs the layers on the real positions only (`skip_padding`): the same
+    logits there and the same KV cache entries as the padded forward, whose padding keys are masked."""
+    family, hf, d = pair
+    ours = M.from_pretrained(d)
+    cfg, (ids, mask, _) = ours.cfg, batch()
+    caches = [[tuple(torch.zeros(3, cfg.num_kv_heads, 11, cfg.head_dim) for _ in "kv") for _ in range(cfg.num_layers)]
+              for _ in range(2)]
+    with torch.no_grad():
+        padded = ours(ids, mask, kv_cache=caches[0], pos=0)
+        skipped = ours(ids, mask, kv_cache=caches[1], pos=0, skip_padding=True)
+    real = mask.bool()
+    assert (skipped - padded)[real].abs().max() < 1e-5
+    keys = real[:, None, :, None]
+    for (k0, v0), (k1, v1) in zip(*caches):
+        assert ((k1 - k0) * keys).abs().max() < 1e-5 and ((v1 - v0) * keys).abs().max() < 1e-5
+        assert (k1 * ~keys).abs().max() == 0  # padding was never computed
+
+
 def test_left_padding_does_not_change_outputs(pair):
     family, hf, d = pair
     ours = M.from_pretrained(d)

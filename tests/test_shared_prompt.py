@@ -59,7 +59,7 @@ def test_generation_prefills_each_prompt_once_with_the_same_samples():
     runs = []
     for group in (1, 4):
         calls = []
-        hook = net.model.layers[0].register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+        hook = net.model.embed_tokens.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
         with torch.no_grad():
             out = M.generate(net, ids, attn, 6, temperature=1.0, generator=torch.Generator().manual_seed(3), group=group)
         hook.remove()
