@@ -11,8 +11,8 @@ is the longest); every sequence generates exactly --new-tokens tokens (no EOS st
 gets min_new_tokens), temperature 1, no top-k / top-p, so both do the same work.
 
 floor_s is (prefill + decode FLOPs) / the fp32 FLOP/s of a 4096 x 576 x 1536 matmul measured here:
-2 FLOPs per multiply-add of every linear layer over every position it runs on (the prefill's
-padded positions included: both implementations compute them), the LM head over one position per
+2 FLOPs per multiply-add of every linear layer over every real position (the prefill's padding
+is not work: model.generate skips it, transformers computes it), the LM head over one position per
 sequence per step (the prompt's last, then each new token), attention 4 * head_dim * heads * layers
 per attended (query, key) pair. floor_fraction = floor_s / seconds.
 One JSON line per batch size.
@@ -49,10 +49,10 @@ if not a.no_hf:
 BODY = sum(p.numel() for n, p in ours.named_parameters() if p.dim() == 2 and n.startswith("model.layers"))
 
 
-def flops(lengths, P, N):
+def flops(lengths, N):
     c, B = cfg, len(lengths)
     att = 4 * c.head_dim * c.num_heads * c.num_layers
-    prefill = 2 * BODY * B * P + 2 * c.hidden_size * c.vocab_size * B + att * sum(n * (n + 1) // 2 for n in lengths)
+    prefill = 2 * BODY * sum(lengths) + 2 * c.hidden_size * c.vocab_size * B + att * sum(n * (n + 1) // 2 for n in lengths)
     decode = sum(2 * BODY * B + 2 * c.hidden_size * c.vocab_size * B + att * sum(n + t + 1 for n in lengths)
                  for t in range(N - 1))  # the last token is sampled, never fed back
     return prefill + decode
@@ -85,7 +85,7 @@ for B in [int(b) for b in a.batch.split(",")]:
             hf.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=True, pad_token_id=0)
     t = interleaved(fns, a.repeats, warmup=0)
     peak = matmul_flops_per_s()
-    floor = flops(lengths.tolist(), P, a.new_tokens) / peak
+    floor = flops(lengths.tolist(), a.new_tokens) / peak
     rec = {"batch": B, "prompt_len": P, "new_tokens": a.new_tokens, "threads": torch.get_num_threads(),
            "ours_s": round(t["ours"], 3), "ours_tokens_per_s": round(B * a.new_tokens / t["ours"], 1),
            "ours_all_s": t["ours_all"], "floor_s": round(floor, 3), "ours_floor_fraction": round(floor / t["ours"], 3),
