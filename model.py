@@ -114,6 +114,11 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(mid, blended, scaled)
 
 
+def unpack(t, real):
+    """t [N, C], the rows of the True positions of real [B, T] in order -> [B, T, C], zeros elsewhere."""
+    return t.new_zeros(*real.shape, t.shape[-1]).masked_scatter_(real[..., None], t)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -151,7 +156,7 @@ class Attention(nn.Module):
         B, T = x.shape[:2] if real is None else real.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if real is not None:  # attention and the cache take the padded layout; padding gets zeros
-            q, k, v = (t.new_zeros(B, T, t.shape[-1]).masked_scatter_(real[..., None], t) for t in (q, k, v))
+            q, k, v = unpack(q, real), unpack(k, real), unpack(v, real)
         q, k = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd)
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
         if self.qk_norm:
@@ -303,7 +308,7 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, rope, mask, None if kv_cache is None else kv_cache[i], pos, real)
         h = self.model.norm(x)
-        return h if real is None else h.new_zeros(B, T, h.shape[-1]).masked_scatter_(real[..., None], h)
+        return h if real is None else unpack(h, real)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, pos=0, head_fn=None,
                 skip_padding=False):

@@ -69,12 +69,14 @@ def grpo_flags(seed, max_steps, lr, prompts=4, max_new_tokens=ARITH_MAX_NEW, max
             "--seed", str(seed), "--lr", lr]
 
 
+LORA = ["--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--lora-targets", "all-linear"]
+
+
 def arith_grpo_flags(seed, qlora):
     """Full weights: 8 prompts x 8 per process at lr 5e-6 (4 prompts at 1e-5 for 12 steps moved
     the held-out accuracy on one seed and not the other). QLoRA: the adapters at lr 3e-4."""
     if qlora:
-        return grpo_flags(seed, 24, "3e-4") + ["--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0",
-                                               "--lora-targets", "all-linear", "--quantize", "nf4"]
+        return grpo_flags(seed, 24, "3e-4") + LORA + ["--quantize", "nf4"]
     return grpo_flags(seed, 24, "5e-6", prompts=8) + ["--lora-r", "0"]
 
 
@@ -143,8 +145,7 @@ def recipe_dpo(a):
     data = hh_split(a)
     flags = pair_flags(a, data, "5e-4", 30) + [
         "--loss", "sigmoid", "--beta", "0.1", "--rpo-alpha", "0", "--label-smoothing", "0",
-        "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--lora-targets", "all-linear",
-        "--share-prompt", "true", "--precompute-ref", "false"]
+        "--share-prompt", "true", "--precompute-ref", "false"] + LORA
     cmd = torchrun(a, "train_dpo.py", flags)
     if a.dry_run:
         return {"command": shlex.join(cmd)}
