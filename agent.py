@@ -17,7 +17,7 @@ JSON schema is built as transformers' get_json_schema builds it), the model call
 (Qwen2.5's, Qwen3's and Hermes' format), each call runs under a time limit, and its result, or the
 error's message, comes back as a {"role": "tool"} message. A turn without a call is the answer.
 
-How an episode becomes tokens (`rollout`):
+How an episode becomes tokens (engine.run_episodes decodes it; this module has no decoder):
 
     prompt                   turn 1             glue                           turn 2
     [reset() messages +      [sampled ids,      [rest of the rendered          [sampled ids,
@@ -41,10 +41,6 @@ import signal
 import types
 import typing
 
-import torch
-import torch.nn.functional as F
-
-import model as M
 from data import chat
 
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -267,142 +263,9 @@ def glue(conv, text, new_messages, stop_id, tok):
     return turn[end:] + after[len(with_turn):]
 
 
-# ----------------------------------------------------------------------------- the rollout
+# ----------------------------------------------------------------------------- metrics
 
-class Episodes(typing.NamedTuple):
-    seqs: list       # per episode: every token id (prompt, turns, glue)
-    mask: list       # 1 on the model's sampled tokens
-    logps: list      # the sampling log-prob of each token (0 on the others)
-    prompt_len: list  # tokens before the first turn
-    messages: list   # the whole conversation
-    answers: list    # the last turn's text
-    answered: list   # the episode ended with an answer (not cut, not over the tool, turn or position limit)
-    turns: list
-    envs: list
-
-
-class _Cache:
-    """One KV cache [B, kv heads, slots, head dim] per layer over a shared slot axis. Slot masks
-    mark real tokens (1) and holes (0): an episode waiting for others, or padding its glue."""
-
-    def __init__(self, net, B, cap, dtype, device):
-        c = net.cfg
-        self.kv = [(torch.empty(B, c.num_kv_heads, cap, c.head_dim, dtype=dtype, device=device),
-                    torch.empty(B, c.num_kv_heads, cap, c.head_dim, dtype=dtype, device=device))
-                   for _ in range(c.num_layers)]
-        self.mask = torch.zeros(B, 0, dtype=torch.long, device=device)
-
-    def forward(self, net, ids, real, positions):
-        """ids [B, T] at the next T slots (real [B, T]: 1 = a token, 0 = a hole) -> logits [B, V] at the last slot."""
-        pos, T = self.mask.shape[1], ids.shape[1]
-        if pos + T > self.kv[0][0].shape[2]:  # grow: double the slots, copy what is there
-            for i, (k, v) in enumerate(self.kv):
-                grow = lambda x: torch.cat([x, torch.empty_like(x)[:, :, :max(T, x.shape[2])]], 2)  # noqa: E731
-                self.kv[i] = (grow(k), grow(v))
-        self.mask = torch.cat([self.mask, real.long()], 1)
-        return net(ids, self.mask, position_ids=positions, kv_cache=self.kv, pos=pos,
-                   head_fn=lambda h, w: F.linear(h[:, -1], w))
-
-    def keep(self, rows):
-        self.kv = [(k[rows], v[rows]) for k, v in self.kv]
-        self.mask = self.mask[rows]
-
-
-@torch.no_grad()
-def rollout(net, tok, records, make_env, max_new_tokens, max_turns, temperature=1.0, top_k=0, top_p=1.0,
-            generator=None, device="cpu") -> Episodes:
-    """Runs one episode per record, batched: every live episode samples its turn together; the
-    ones that stopped wait (holes in the cache) until all have; each environment answers; the
-    live ones prefill their glue (right-aligned, holes before it) and sample again. Finished
-    episodes leave the batch. Call inside common.unsharded(net) when it is sharded."""
-    envs = [make_env() for _ in records]
-    convs = [env.reset(r) for env, r in zip(envs, records)]
-    seqs = [render(c, tok, True) for c in convs]
-    n = len(records)
-    mask, logps = [[0] * len(s) for s in seqs], [[0.0] * len(s) for s in seqs]
-    prompt_len, turns, answered, answers = [len(s) for s in seqs], [0] * n, [False] * n, [""] * n
-    dtype, positions = next(net.parameters()).dtype, net.cfg.max_position_embeddings  # an episode ends before it
-    P = max(prompt_len)
-    cache = _Cache(net, n, P + max_new_tokens * max_turns + 64, dtype, device)
-    ids = torch.tensor([[tok.pad_id] * (P - len(s)) + s for s in seqs], device=device)
-    real = torch.tensor([[0] * (P - len(s)) + [1] * len(s) for s in seqs], device=device)
-    logits = cache.forward(net, ids, real, (real.cumsum(1) - 1).clamp(min=0))
-    live = list(range(n))  # episode index of each batch row
-    stops = torch.tensor(sorted(set(tok.stop_ids)), device=device)
-    while live:
-        B, turn = len(live), [[] for _ in live]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for t in range(max_new_tokens):  # ---- every live episode samples its turn
-            nxt = M.sample(logits, temperature, top_k or None, top_p, generator)
-            lp = F.log_softmax(logits.float() / (temperature or 1.0), -1).gather(1, nxt[:, None]).squeeze(1)
-            was = done
-            for r in (~was).nonzero().flatten().tolist():
-                turn[r].append((nxt[r].item(), lp[r].item()))
-            done = was | torch.isin(nxt, stops)
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break  # the tokens just sampled are not in the cache yet: they lead the glue's prefill
-            pos = torch.tensor([len(seqs[e]) + len(turn[r]) - 1 for r, e in enumerate(live)], device=device)
-            # a stop token goes in too (the glue attends to it); an episode already stopped writes a hole
-            logits = cache.forward(net, torch.where(was, tok.pad_id, nxt)[:, None], (~was)[:, None], pos[:, None])
-        pending = (~was).tolist()  # rows whose last sampled token is not in the cache
-        glues, keep = [], []
-        for r, e in enumerate(live):  # ---- the environment's answer to each turn
-            ids_, lps_ = [i for i, _ in turn[r]], [p for _, p in turn[r]]
-            seqs[e] += ids_
-            mask[e] += [1] * len(ids_)
-            logps[e] += lps_
-            turns[e] += 1
-            stopped = bool(ids_) and ids_[-1] in tok.stop_ids
-            text = tok.tokenizer.decode(ids_, skip_special_tokens=True)
-            answers[e] = text
-            if not stopped:  # cut at --max-new-tokens: no answer
-                convs[e].append({"role": "assistant", "content": text})
-                continue
-            new, over = envs[e].step(text)
-            answered[e] = over and getattr(envs[e], "answered", True)
-            g = [] if over else glue(convs[e], text, new, ids_[-1], tok)
-            if over or turns[e] >= max_turns or len(seqs[e]) + len(g) + max_new_tokens > positions:
-                convs[e].append({"role": "assistant", "content": text})
-                convs[e] += new
-                continue
-            convs[e] += [{"role": "assistant", "content": text}] + new
-            glues.append((ids_[-1:] if pending[r] else []) + g)
-            seqs[e] += g
-            mask[e] += [0] * len(g)
-            logps[e] += [0.0] * len(g)
-            keep.append(r)
-        live = [live[r] for r in keep]
-        if not live:
-            break
-        cache.keep(torch.tensor(keep, device=device))  # finished episodes leave the batch
-        G = max(len(g) for g in glues)
-        ids = torch.tensor([[tok.pad_id] * (G - len(g)) + g for g in glues], device=device)
-        real = torch.tensor([[0] * (G - len(g)) + [1] * len(g) for g in glues], device=device)
-        start = torch.tensor([len(seqs[e]) - len(g) for e, g in zip(live, glues)], device=device)
-        logits = cache.forward(net, ids, real, start[:, None] + (real.cumsum(1) - 1).clamp(min=0))
-    return Episodes(seqs, mask, logps, prompt_len, convs, answers, answered, turns, envs)
-
-
-def to_samples(ep: Episodes, pad_id, device):
-    """Episodes as forward.Samples: prompts left-padded to one length P, the rest (turns and glue)
-    right-padded; mask = 1 on sampled tokens only, so the policy loss, the KL and the value loss
-    see the model's tokens and nothing else. Also returns the sampling log-probs [N, L]."""
-    from forward import Samples  # forward imports common, which the tests of this module need not load
-    P = max(ep.prompt_len)
-    L = max(len(s) - p for s, p in zip(ep.seqs, ep.prompt_len))
-    seqs = torch.full((len(ep.seqs), P + L), pad_id, dtype=torch.long)
-    attn, mask, logps = torch.zeros_like(seqs), torch.zeros(len(ep.seqs), L), torch.zeros(len(ep.seqs), L)
-    for i, (s, m, lp, p) in enumerate(zip(ep.seqs, ep.mask, ep.logps, ep.prompt_len)):
-        seqs[i, P - p:P - p + len(s)] = torch.tensor(s)
-        attn[i, P - p:P - p + len(s)] = 1
-        mask[i, :len(s) - p] = torch.tensor(m[p:], dtype=torch.float)
-        logps[i, :len(s) - p] = torch.tensor(lp[p:])
-    samples = Samples(seqs.to(device), attn.to(device), mask.to(device), P, list(ep.answers),
-                      torch.tensor(ep.answered, device=device), episodes=ep)
-    return samples, logps.to(device)
-
-
-def episode_metrics(ep: Episodes, samples) -> dict:
+def episode_metrics(ep, samples) -> dict:
     """Per-episode means: turns, tool calls and errors, episodes without an answer, and the share
     of the tokens after the prompt that the model wrote."""
     after = samples.attn[:, samples.prompt_len:].sum()

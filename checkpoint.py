@@ -4,7 +4,7 @@ Everything that outlives a process: the run's identity in --out (which run it is
 (SIGTERM), and the final export as a Hugging Face directory (and a PEFT adapter with LoRA).
 
 Nothing here is written in place: a checkpoint is written to `step_N.tmp` and renamed when
-complete, the HF directory through model.atomic_dir, config.json and metrics.jsonl through a
+complete, the HF directory through hf_io.atomic_dir, config.json and metrics.jsonl through a
 temp file and os.replace. Depends on torch, model and lora only: every function takes the
 script's `dist` (rank, world, main).
 """
@@ -21,15 +21,16 @@ import sys
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as torchdist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule
 
+import collectives
+import config
 import lora
-import model as M
+import hf_io
 
 
 class RunError(ValueError):
@@ -46,11 +47,8 @@ class RunError(ValueError):
 # --max-steps may grow, or shrink down to the checkpoint's step.
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "stop_after", "save_every", "log_every", "eval_every",
                      "eval_samples", "record_rollout", "grad_ckpt", "cpu_offload", "hsdp", "report_to", "data_cache",
-                     "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "max_steps", "value_lr")
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
+                     "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "max_steps", "value_lr",
+                     "dist_timeout")
 
 
 def check_out(cfg, main=True):
@@ -81,10 +79,10 @@ def check_out(cfg, main=True):
         if was == now:
             continue
         if k not in RESUME_MAY_CHANGE:
-            raise RunError(f"--resume: {ckpt} belongs to a run with {flag(k)} {was!r}; this one has {now!r}. "
+            raise RunError(f"--resume: {ckpt} belongs to a run with {config.flag(k)} {was!r}; this one has {now!r}. "
                            "Pass the same value to continue it, or start afresh with --overwrite or another --out")
         if k not in ("out", "resume", "overwrite"):
-            changed.append(f"{flag(k)} {was} -> {now}")
+            changed.append(f"{config.flag(k)} {was} -> {now}")
     if changed and main:
         print(f"resuming {ckpt} with changed settings: {', '.join(changed)}", flush=True)
 
@@ -139,7 +137,7 @@ def latest_checkpoint(out, quiet=False):
         problem = _checkpoint_problem(path)
         if problem is None:
             return path
-        if not quiet and int(os.environ.get("RANK", "0")) == 0:
+        if not quiet and collectives.is_main():
             print(f"skipping checkpoint {path}: {problem}", flush=True)
     return None
 
@@ -182,24 +180,11 @@ def writing(path):
         raise
 
 
-def _any_rank(flag_value: bool, dist) -> bool:
-    if dist.world == 1:
-        return bool(flag_value)
-    t = torch.tensor(float(flag_value), device=dist.device)
-    torchdist.all_reduce(t)
-    return t.item() > 0
-
-
-def _barrier(dist):
-    if dist.world > 1:
-        torchdist.barrier()
-
-
 def assert_finite_weights(models, step, dist):
     """Refuse to save non-finite weights (all ranks together: each checks its shards)."""
     bad = [n for m in models for n, p in m.named_parameters()
            if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
-    if _any_rank(bool(bad), dist):
+    if collectives.any_rank(bool(bad), dist):
         where = f" ({bad[0]} and {len(bad) - 1} more on rank {dist.rank})" if bad else ""
         raise FloatingPointError(f"after step {step}: the weights are not finite{where}; nothing saved "
                                  "(lower --lr; --resume continues from the last checkpoint)")
@@ -216,7 +201,7 @@ def save_checkpoint(out, step, dist, parts: dict, extra=None):
         if dist.main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-        _barrier(dist)
+        collectives.barrier(dist)
         state = {name: _trainable_state(model, opt) for name, (model, opt) in parts.items()}
         dcp.save(state, checkpoint_id=tmp)
         # RNG state as plain tensors (safetensors): nothing in a checkpoint of ours is a pickle
@@ -225,11 +210,11 @@ def save_checkpoint(out, step, dist, parts: dict, extra=None):
         if dist.main:
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump({"step": step, "world": dist.world, **(extra or {})}, f)
-    _barrier(dist)
+    collectives.barrier(dist)
     if dist.main:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-    _barrier(dist)
+    collectives.barrier(dist)
     return final
 
 
@@ -292,7 +277,7 @@ class Preemption:
         self.flag = True
 
     def requested(self, dist) -> bool:
-        return _any_rank(self.flag, dist)
+        return collectives.any_rank(self.flag, dist)
 
 
 # ----------------------------------------------------------------------------- the final export
@@ -313,12 +298,12 @@ def save_final(model, cfg, dist, tokenizer_dir, base_model=""):
     if dist.main:
         with writing(os.path.join(cfg.out, "model")):
             card = {"README.md": model_card(cfg, dist, base_model or tokenizer_dir, model.head)}
-            path = M.save_pretrained(model, os.path.join(cfg.out, "model"), state_dict=chunks, tokenizer_dir=tokenizer_dir,
+            path = hf_io.save_pretrained(model, os.path.join(cfg.out, "model"), state_dict=chunks, tokenizer_dir=tokenizer_dir,
                                      extra_files=card)
         print(f"saved {path}", flush=True)
     for _ in chunks:  # the other ranks take part in each block's all-gather
         pass
-    _barrier(dist)
+    collectives.barrier(dist)
 
 
 def model_card(cfg, dist, base_model, head):

@@ -8,6 +8,7 @@ more than one process the model is sharded with FSDP2 (`fully_shard` per block, 
 """
 import atexit
 import ctypes
+import datetime
 import errno
 import math
 import os
@@ -22,8 +23,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import checkpoint
+import collectives
 import config
 import lora
+import hf_io
 import model as M
 import nf4
 from data import cache, chat, formats
@@ -46,7 +49,7 @@ def run(main, cls):
         full_disk = isinstance(e, OSError) and e.errno == errno.ENOSPC
         if isinstance(e, OSError) and not (full_disk or isinstance(e, FileNotFoundError)):
             raise
-        print0(f"error: {e.strerror if full_disk else e}", file=sys.stderr)
+        collectives.print0(f"error: {e.strerror if full_disk else e}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -64,6 +67,11 @@ class Dist:
     @property
     def main(self):
         return self.rank == 0
+
+    @property
+    def sharded(self):
+        """Models are FSDP2-sharded: several ranks, or one with --cpu-offload."""
+        return self.world > 1 or self.offload
 
     @property
     def shard(self):
@@ -97,11 +105,20 @@ def setup(cfg: config.TrainConfig) -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not torchdist.is_initialized():
-        torchdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # --cpu-offload keeps FSDP2's gradients in host memory, where clip_grad_norm_ all-reduces them:
+    # NCCL takes only CUDA tensors, so CPU tensors get gloo in the same group
+    backend = "gloo" if device.type != "cuda" else "cuda:nccl,cpu:gloo" if cfg.cpu_offload else "nccl"
+    if (world > 1 or cfg.cpu_offload) and not torchdist.is_initialized():
+        timeout = datetime.timedelta(minutes=cfg.dist_timeout)
+        kw = {"device_id": device} if device.type == "cuda" else {}  # NCCL binds each rank to its GPU at once
+        if "MASTER_ADDR" in os.environ:  # torchrun's
+            torchdist.init_process_group(backend, timeout=timeout, **kw)
+        else:  # one plain process (--cpu-offload still shards it with FSDP2): a group of one
+            torchdist.init_process_group(backend, store=torchdist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                         **kw)
         atexit.register(_leave_process_group)
     for name in (n for n in PATH_FLAGS if getattr(cfg, n, "") and not os.path.exists(getattr(cfg, n))):
-        raise UsageError(f"{checkpoint.flag(name)} {getattr(cfg, name)}: no such file or directory")
+        raise UsageError(f"{config.flag(name)} {getattr(cfg, name)}: no such file or directory")
     if cfg.hsdp > 1 and world % cfg.hsdp:
         raise UsageError(f"--hsdp {cfg.hsdp}: the {world} processes must split into {cfg.hsdp} equal replica groups")
     if cfg.quantize and cfg.lora_r <= 0:
@@ -109,10 +126,9 @@ def setup(cfg: config.TrainConfig) -> Dist:
         raise UsageError(f"--quantize {cfg.quantize} freezes the base weights: it needs --lora-r > 0 (QLoRA)")
     if cfg.double_quant and not cfg.quantize:
         raise UsageError("--double-quant quantizes the NF4 constants: it needs --quantize nf4")
-    if cfg.cpu_offload and (device.type != "cuda" or world == 1):
-        raise UsageError("--cpu-offload moves FSDP2's state from the GPU to host memory: it needs a GPU and torchrun "
-                         "(--nproc_per_node 1 is fine)")
-    checkpoint.check_out(cfg, rank == 0)
+    if cfg.cpu_offload and device.type != "cuda":
+        raise UsageError("--cpu-offload moves FSDP2's state from the GPU to host memory: it needs a GPU")
+    checkpoint.check_out(cfg, collectives.is_main())
     # bf16 on CPUs without native bf16 is ~70x slower than fp32 (2-core EPYC dev box): "auto" is fp32 there
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     if bf16 and device.type == "cuda":
@@ -134,27 +150,6 @@ def _leave_process_group():
     time.sleep(0.1)  # releases the GIL to any worker thread still waiting for it
 
 
-def print0(*args, **kw):
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kw, flush=True)
-
-
-def all_sum(x: float | torch.Tensor, dist: Dist) -> float:
-    """A number summed over ranks (a plain float in one process)."""
-    if dist.world == 1:
-        return float(x)
-    t = torch.as_tensor(x, dtype=torch.float64, device=dist.device).clone()
-    torchdist.all_reduce(t)
-    return t.item()
-
-
-def barrier(dist: Dist):
-    if dist.world > 1:
-        torchdist.barrier()
-
-
-# ----------------------------------------------------------------------------- models and data
-
 def shard(model, dist: Dist, train=True):
     """FSDP2: each block, then the root (embeddings, final norm, head). On GPU, bf16 params for
     compute with fp32 master weights and fp32 gradient reduction."""
@@ -170,7 +165,7 @@ def _shard_part(part, dist: Dist):
     """fully_shard one block or, last, the root. An NF4 layer gets an FSDP unit of its own with no
     dtype cast: its packed uint8 codes are all-gathered as bytes (FSDP2 gathers a unit of mixed
     dtypes as bytes), and a bf16 copy of its fp32 absmax would move every weight it scales."""
-    if dist.world == 1:
+    if not dist.sharded:
         return part
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dist.autocast_dtype is not None and dist.device.type == "cuda" else MixedPrecisionPolicy()
@@ -192,8 +187,8 @@ def load_model(path, cfg: config.TrainConfig, dist: Dist, head="lm", train=True,
     if cfg.quantize and train and not lora_on:
         raise UsageError(f"--quantize {cfg.quantize}: a trained model needs adapters (--lora-r > 0)")
     g = torch.Generator().manual_seed(cfg.seed)  # one stream for every block's adapters: as one apply_lora call
-    shard = dist.shard if dist.world > 1 else None  # the root is read as its rank's rows only
-    for model, part in M.load_parts(path, head, device=dist.device, seed=seed, shard=shard,
+    shard = dist.shard if dist.sharded else None  # the root is read as its rank's rows only
+    for model, part in hf_io.load_parts(path, head, device=dist.device, seed=seed, shard=shard,
                                     frozen_embedding=not train or lora_on, keep_layers=keep_layers):
         if part is not model:
             if cfg.quantize:
@@ -204,9 +199,22 @@ def load_model(path, cfg: config.TrainConfig, dist: Dist, head="lm", train=True,
             lora.freeze_base(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, modules_to_save)
         if not train:
             part.requires_grad_(False)
+        if dist.autocast_dtype is not None and dist.device.type == "cuda" and not dist.sharded:
+            cast_frozen(part, dist.autocast_dtype)
         model.grad_checkpointing = cfg.grad_ckpt
         _shard_part(part, dist)
     return model
+
+
+def cast_frozen(module, dtype):
+    """One GPU under autocast (no FSDP mixed precision): frozen floating weights (a reference, a
+    teacher, a reward model, a LoRA base) stored in `dtype` once, where autocast would cast them
+    again at every matmul (it caches only the casts of trainable weights). NF4's constants and
+    bias keep their dtypes (the dequantization is bitsandbytes' in fp32)."""
+    keep = {id(p) for m in module.modules() if isinstance(m, nf4.NF4Linear) for p in m.parameters()}
+    for p in module.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and id(p) not in keep:
+            p.data = p.data.to(dtype)
 
 
 def add_lora(model, cfg: config.TrainConfig, modules_to_save=(), part=None, generator=None):
@@ -232,18 +240,13 @@ def load_tokenizer(model_dir, cfg: config.TrainConfig):
 def load_data(path, kind, tok, cfg: config.TrainConfig, dist: Dist, **settings):
     """The tokenized examples of a JSONL file, memory-mapped from the data cache (tokenized into it
     first, the ranks sharing the work, if it is missing or stale): see data/cache.py."""
-    def from_rank0(obj):
-        box = [obj]
-        if dist.world > 1:
-            torchdist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    return cache.load(path, kind, tok, settings, cfg.data_cache, dist.rank, dist.world, lambda: barrier(dist), from_rank0)
+    return cache.load(path, kind, tok, settings, cfg.data_cache, dist.rank, dist.world, lambda: collectives.barrier(dist),
+                      lambda obj: collectives.broadcast_object(obj, dist))
 
 
 def autocast(dist: Dist):
     """bf16 autocast where FSDP's mixed precision does not already provide it."""
-    if dist.autocast_dtype is None or (dist.world > 1 and dist.device.type == "cuda"):
+    if dist.autocast_dtype is None or (dist.sharded and dist.device.type == "cuda"):
         return nullcontext()
     return torch.autocast(dist.device.type, dtype=dist.autocast_dtype)
 

@@ -1,7 +1,9 @@
 """
 The command-line config every script shares: `TrainConfig` (one field per flag, the same names in
 every script; scripts extend it with their own) and `parse_config`, which builds one from
-`--field-name value` flags and checks every value before anything runs.
+`--field-name value` flags and checks every value before anything runs. Every field is declared
+with its --help text, `lr: float = arg(1e-3, "peak learning rate")`; a script that overrides a
+field's default declares the help again (its own words, or the shared ones).
 
 Defaults are the built-in task's. A real checkpoint given with `--model` gets the defaults of
 TRL's trainers instead for the fields a script lists in REAL_MODEL (`--help` shows both); a flag
@@ -9,59 +11,75 @@ given on the command line always wins.
 """
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 
-import checkpoint
+import collectives
+from data import task
+
+
+def arg(default, help):
+    """A config field declared with its --help text, which parse_config shows:
+    `lr: float = arg(1e-3, "peak learning rate, reached after warmup")`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def flag(name):
+    """The command-line flag of a field: max_steps -> --max-steps."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
 class TrainConfig:
     """Options every script shares (same names everywhere). Scripts extend this with their own."""
-    model: str = ""           # HF model directory; empty = the built-in task's model
-    data: str = ""            # JSONL file; empty = the built-in task
-    out: str = "runs/out"     # output directory: metrics.jsonl, checkpoints/, final HF model
-    max_steps: int = 200      # optimizer steps
-    batch_size: int = 16      # sequences per micro-batch per process
-    grad_accum: int = 1       # micro-batches per optimizer step
-    lr: float = 1e-3          # peak learning rate, reached after warmup
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10    # linear warmup from 0 to lr over N steps
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay (matrices only)
-    grad_clip: float = 1.0    # max global grad norm; 0 = off
-    max_length: int = 512     # tokens per sequence (longer examples are truncated, see data/)
-    seed: int = 0             # model init, data order and sampling
-    dtype: str = "auto"       # auto = bf16 on GPU, fp32 on CPU
-    grad_ckpt: bool = False   # activation checkpointing per block
-    log_every: int = 10       # progress line and metrics.jsonl every N steps
-    eval_every: int = 100     # evaluate every N steps; 0 = only at the start and the end
-    save_every: int = 0       # sharded checkpoint every N steps; 0 = only on SIGTERM and at --stop-after
-    stop_after: int = 0       # checkpoint and exit after this step (time-boxed jobs); 0 = off
-    resume: bool = False      # continue from the latest checkpoint in out/checkpoints
-    overwrite: bool = False   # start afresh in an --out that holds another run (deletes its checkpoints and model)
-    chunk_size: int = 256     # positions per chunk for log-probs over the vocabulary ([256, V] fp32 buffer)
-    chat_format: str = ""     # empty = the tokenizer's chat template, else a built-in format
-    system_prompt: str = ""   # inserted when a conversation has none
-    chat_template_kwargs: str = ""  # JSON object of chat template variables, e.g. '{"enable_thinking": false}' (data/chat.py)
-    lora_r: int = 0           # LoRA rank; 0 = full fine-tuning (lora.py)
-    lora_alpha: float = 16.0  # scaling = alpha / r: 1 at r 16, 2 at r 8 (PEFT's default 8 is 0.5 at r 16; recipes use r..2r)
-    lora_dropout: float = 0.0  # on the adapters' input (PEFT's default; >0 makes runs depend on the RNG)
-    lora_targets: str = "all-linear"  # PEFT target_modules: leaf names (q_proj,v_proj; GPT-2: c_attn,c_proj,c_fc)
-    use_rslora: bool = False  # scaling = alpha / sqrt(r) (rsLoRA)
-    data_cache: str = ""      # tokenized-data cache directory; empty = <data file>.cache beside each file (data/cache.py)
-    quantize: str = ""        # nf4: frozen base projections in 4-bit NormalFloat (QLoRA with --lora-r; nf4.py)
-    double_quant: bool = False  # with nf4: the per-block absmax constants in 8 bits too (QLoRA's double quantization)
-    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: parameters, gradients, optimizer state in host memory
-    hsdp: int = 0             # HSDP: FSDP2 on a 2-D mesh of N replica groups x world/N shards (one per node); 0 = FSDP
-    report_to: str = ""       # comma list: metrics.jsonl's records there too, from rank 0
+    model: str = arg("", "HF model directory; empty = the built-in task's model")
+    data: str = arg("", "JSONL file; empty = the built-in task")
+    out: str = arg("runs/out", "output directory: metrics.jsonl, checkpoints/, final HF model")
+    max_steps: int = arg(200, "optimizer steps")
+    batch_size: int = arg(16, "sequences per micro-batch per process")
+    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    lr: float = arg(1e-3, "peak learning rate, reached after warmup")
+    min_lr_ratio: float = arg(0.1, "cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = arg(10, "linear warmup from 0 to lr over N steps")
+    weight_decay: float = arg(0.0, "AdamW's decoupled weight decay (matrices only)")
+    grad_clip: float = arg(1.0, "max global grad norm; 0 = off")
+    max_length: int = arg(512, "tokens per sequence (longer examples are truncated, see data/)")
+    seed: int = arg(0, "model init, data order and sampling")
+    dtype: str = arg("auto", "auto = bf16 on GPU, fp32 on CPU")
+    grad_ckpt: bool = arg(False, "activation checkpointing per block")
+    log_every: int = arg(10, "progress line and metrics.jsonl every N steps")
+    eval_every: int = arg(100, "evaluate every N steps; 0 = only at the start and the end")
+    save_every: int = arg(0, "sharded checkpoint every N steps; 0 = only on SIGTERM and at --stop-after")
+    stop_after: int = arg(0, "checkpoint and exit after this step (time-boxed jobs); 0 = off")
+    resume: bool = arg(False, "continue from the latest checkpoint in out/checkpoints")
+    overwrite: bool = arg(False, "start afresh in an --out that holds another run (deletes its checkpoints and model)")
+    chunk_size: int = arg(256, "positions per chunk for log-probs over the vocabulary ([256, V] fp32 buffer)")
+    chat_format: str = arg("", "empty = the tokenizer's chat template, else a built-in format")
+    system_prompt: str = arg("", "inserted when a conversation has none")
+    chat_template_kwargs: str = arg("", "JSON object of chat template variables, e.g. '{\"enable_thinking\": false}' "
+                                        "(data/chat.py)")
+    lora_r: int = arg(0, "LoRA rank; 0 = full fine-tuning (lora.py)")
+    lora_alpha: float = arg(16.0, "scaling = alpha / r: 1 at r 16, 2 at r 8 (PEFT's default 8 is 0.5 at r 16; recipes "
+                                  "use r..2r)")
+    lora_dropout: float = arg(0.0, "on the adapters' input (PEFT's default; >0 makes runs depend on the RNG)")
+    lora_targets: str = arg("all-linear", "PEFT target_modules: leaf names (q_proj,v_proj; GPT-2: c_attn,c_proj,c_fc)")
+    use_rslora: bool = arg(False, "scaling = alpha / sqrt(r) (rsLoRA)")
+    data_cache: str = arg("", "tokenized-data cache directory; empty = <data file>.cache beside each file "
+                              "(data/cache.py)")
+    quantize: str = arg("", "nf4: frozen base projections in 4-bit NormalFloat (QLoRA with --lora-r; nf4.py)")
+    double_quant: bool = arg(False, "with nf4: the per-block absmax constants in 8 bits too (QLoRA's double "
+                                    "quantization)")
+    cpu_offload: bool = arg(False, "FSDP2 CPUOffloadPolicy: parameters, gradients, optimizer state in host memory")
+    hsdp: int = arg(0, "HSDP: FSDP2 on a 2-D mesh of N replica groups x world/N shards (one per node); 0 = FSDP")
+    report_to: str = arg("", "comma list: metrics.jsonl's records there too, from rank 0")
+    dist_timeout: float = arg(60.0, "minutes a rank waits in a collective for its peers before the run fails (a dead "
+                                    "peer; rank 0 alone building the data cache or exporting a 70B model must fit)")
 
     # Allowed values of numeric flags (an unlisted one must be >= 0); scripts extend it, as CHOICES.
-    RANGES = {"max_steps": "[1, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "lr": "(0, inf)",
+    RANGES = {"dist_timeout": "(0, inf)", "max_steps": "[1, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "lr": "(0, inf)",
               "min_lr_ratio": "[0, 1]", "max_length": "[1, inf)", "log_every": "[1, inf)", "chunk_size": "[1, inf)",
               "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)"}
     # The fields with a fixed set of values; a field in MULTI takes a comma list of them.
@@ -77,30 +95,29 @@ class TrainConfig:
 
 def parse_config(cls, argv=None):
     """Build a dataclass from `--field-name value` flags, checked against cls.RANGES and CHOICES;
-    `--help` lists every field with its default, allowed values and the comment on its line."""
+    `--help` lists every field with its default, allowed values and the help given to arg()."""
     p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(), allow_abbrev=False, epilog=(
         "Defaults suit the built-in task. A pretrained --model (any but the task's) takes TRL's defaults for "
         "the flags that name one ('a real --model'); a flag given always wins.") if cls.REAL_MODEL else None,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (--help lists every flag)\n")  # not the usage block
-    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
-        flag, about = checkpoint.flag(f.name), comments.get(f.name, "").replace("%", "%%")
+        opt, about = flag(f.name), f.metadata["help"].replace("%", "%%")  # declared with arg()
         choices = cls.CHOICES.get(f.name)
         if f.name in cls.NOT_USED:
-            p.add_argument(flag, help=argparse.SUPPRESS, type=_refuse(f"not used by this script: {cls.NOT_USED[f.name]}"))
+            p.add_argument(opt, help=argparse.SUPPRESS, type=_refuse(f"not used by this script: {cls.NOT_USED[f.name]}"))
         elif f.type in (bool, "bool"):
-            p.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=f.default, metavar="BOOL",
+            p.add_argument(opt, type=_parse_bool, nargs="?", const=True, default=f.default, metavar="BOOL",
                            help=f"{about} (default: %(default)s)")
         elif choices:
             shown = " | ".join(repr(c) if not c else c for c in choices)
             what = f"comma list of {shown}" if f.name in cls.MULTI else f"one of {shown}"
-            p.add_argument(flag, default=f.default, help=f"{about} ({what}; default: %(default)r)")
+            p.add_argument(opt, default=f.default, help=f"{about} ({what}; default: %(default)r)")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             rng = f"in {_range(cls, f.name)}; " if typ in (int, float) else ""
             real = f"; a real --model: {cls.REAL_MODEL[f.name]!r}, TRL's" if f.name in cls.REAL_MODEL else ""
-            p.add_argument(flag, type=typ, default=f.default, help=f"{about} ({rng}default: %(default)r{real})")
+            p.add_argument(opt, type=typ, default=f.default, help=f"{about} ({rng}default: %(default)r{real})")
     argv = sys.argv[1:] if argv is None else argv
     cfg = cls(**vars(p.parse_args(argv)))
     given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
@@ -109,24 +126,23 @@ def parse_config(cls, argv=None):
     cfg = dataclasses.replace(cfg, **real)
     if cfg.model:
         _check_positions(cfg, given, p.error)
-    if real and os.environ.get("RANK", "0") == "0":
-        shown = " ".join(f"{checkpoint.flag(k)} {v}" for k, v in real.items())
+    if real and collectives.is_main():
+        shown = " ".join(f"{flag(k)} {v}" for k, v in real.items())
         print(f"{cfg.model} is a pretrained checkpoint: TRL's defaults {shown} (flags given win)")
     for f in dataclasses.fields(cls):
-        v, flag = getattr(cfg, f.name), checkpoint.flag(f.name)
+        v, opt = getattr(cfg, f.name), flag(f.name)
         if type(v) in (int, float) and not _in_range(v, _range(cls, f.name)):
-            p.error(f"{flag} {v}: expected a value in {_range(cls, f.name)}")
+            p.error(f"{opt} {v}: expected a value in {_range(cls, f.name)}")
         if f.name in cls.CHOICES:
             given = [x for x in v.split(",") if x] if f.name in cls.MULTI else [v]
             if bad := [x for x in given if x not in cls.CHOICES[f.name]]:
-                p.error(f"{flag} {bad[0]!r}: expected {'a comma list of ' if f.name in cls.MULTI else 'one of '}"
+                p.error(f"{opt} {bad[0]!r}: expected {'a comma list of ' if f.name in cls.MULTI else 'one of '}"
                         f"{', '.join(repr(c) for c in cls.CHOICES[f.name])}")
     return cfg
 
 
 def _task_model(model_dir):
     """True for a model of the built-in task (its 100-character vocabulary): the defaults suit it."""
-    from data import task  # the task's modules import this one
     return _model_config(model_dir).get("vocab_size") == task.MODEL_CONFIG["vocab_size"]
 
 
@@ -148,7 +164,7 @@ def _check_positions(cfg, given, error):
     fields = ("max_length",) if "max_length" not in cfg.NOT_USED else ("max_prompt_length", "max_new_tokens")
     if not all(hasattr(cfg, f) for f in fields) or sum(getattr(cfg, f) for f in fields) <= positions:
         return
-    asked = " + ".join(f"{checkpoint.flag(f)} {getattr(cfg, f)}" for f in fields)
+    asked = " + ".join(f"{flag(f)} {getattr(cfg, f)}" for f in fields)
     if given.intersection(fields):
         error(f"{asked}: longer than the {positions} positions of {cfg.model} "
               "(max_position_embeddings in its config.json)")
@@ -174,16 +190,6 @@ def _in_range(v, interval):
     above = lo <= v if interval[0] == "[" else lo < v
     below = v <= hi if interval[-1] == "]" else v < hi
     return math.isfinite(v) and above and below
-
-
-def _field_comments(cls):
-    """{field: the comment on its line} over the class and its bases (a subclass's wins): --help's
-    descriptions, kept where a reader of the code sees them. (A default holding "#" would cut its
-    comment: none does.)"""
-    out = {}
-    for c in reversed(cls.__mro__[:-1]):  # not `object`
-        out.update({m[1]: m[2].strip() for m in re.finditer(r"^    (\w+): [^#\n]*#(.*)$", inspect.getsource(c), re.M)})
-    return out
 
 
 def _parse_bool(s):

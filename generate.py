@@ -10,44 +10,55 @@ Needs torch and the tokenizer files in the model directory; nothing else (no tra
 """
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 import common
 import config
-import model as M
+import engine
+import hf_io
 from data import chat, task
 
 
 @dataclass
 class GenerateConfig:
     """Generate from, or chat with, a checkpoint through its chat template."""
-    model: str = ""             # HF model directory; empty = the built-in task's SFT model (runs/sft/model)
-    prompt: str = ""            # the user's message; empty = stdin (at a terminal: a chat, one message per line)
-    system_prompt: str = ""     # a system message first (empty = the template's own default, if it has one)
-    chat_format: str = ""       # empty = the tokenizer's chat template, else a built-in format
-    chat_template_kwargs: str = ""  # JSON object of chat template variables, e.g. '{"enable_thinking": false}'
-    raw: bool = False           # the prompt as plain text: no chat template, no generation prompt
-    max_new_tokens: int = 256   # length cap of each answer
-    temperature: float = 0.7    # 0 = greedy
-    top_k: int = 0              # sample from the k most likely tokens; 0 = all
-    top_p: float = 1.0          # nucleus sampling: the smallest set of tokens with this much probability
-    seed: int = 0
-    RANGES = {"max_new_tokens": "[1, inf)", "top_p": "(0, 1]"}
-    CHOICES = {"chat_format": config.TrainConfig.CHOICES["chat_format"]}
+    model: str = config.arg("", "HF model directory; empty = the built-in task's SFT model (runs/sft/model)")
+    prompt: str = config.arg("", "the user's message; empty = stdin (at a terminal: a chat, one message per line)")
+    system_prompt: str = config.arg("", "a system message first (empty = the template's own default, if it has one)")
+    chat_format: str = config.arg("", "empty = the tokenizer's chat template, else a built-in format")
+    chat_template_kwargs: str = config.arg("", "JSON object of chat template variables, e.g. '{\"enable_thinking\": "
+                                               "false}'")
+    raw: bool = config.arg(False, "the prompt as plain text: no chat template, no generation prompt")
+    max_new_tokens: int = config.arg(0, "length cap of each answer; 0 = 256, or what the prompt leaves of the model's "
+                                        "positions")
+    temperature: float = config.arg(0.7, "0 = greedy")
+    top_k: int = config.arg(0, "sample from the k most likely tokens; 0 = all")
+    top_p: float = config.arg(1.0, "nucleus sampling: the smallest set of tokens with this much probability")
+    seed: int = config.arg(0, "sampling seed")
+    device: str = config.arg("auto", "auto = the first GPU if there is one, else the CPU; or a torch device (cuda:1, cpu)")
+    dtype: str = config.arg("auto", "the weights' and KV cache's dtype: auto = bf16 on a GPU, fp32 on a CPU")
+    RANGES = {"top_p": "(0, 1]"}
+    CHOICES = {"chat_format": config.TrainConfig.CHOICES["chat_format"], "dtype": ("auto", "bf16", "fp32")}
     MULTI, NOT_USED, REAL_MODEL = (), {}, {}
 
 
 def answer(net, tok, ids, cfg: GenerateConfig, generator):
     """The model's reply to prompt token ids, decoded up to its stop token."""
     positions = net.cfg.max_position_embeddings
-    if len(ids) + cfg.max_new_tokens > positions:
+    room = positions - len(ids)
+    if room < 1:
+        raise common.UsageError(f"the prompt's {len(ids)} tokens fill the model's {positions} positions")
+    if cfg.max_new_tokens > room:
         raise common.UsageError(f"the prompt's {len(ids)} tokens + --max-new-tokens {cfg.max_new_tokens} exceed the "
                                 f"model's {positions} positions")
-    out, mask = M.generate(net, torch.tensor([ids]), max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_k=cfg.top_k or None, top_p=cfg.top_p, eos_ids=tok.stop_ids, pad_id=tok.pad_id,
-                           generator=generator)
+    # the default shrinks to fit: the built-in task's model has 256 positions in all, prompt included
+    cfg = replace(cfg, max_new_tokens=cfg.max_new_tokens or min(256, room))
+    sampling = engine.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    dev = generator.device
+    out, mask, _ = engine.generate_ids(net, torch.tensor([ids], device=dev), torch.ones(1, len(ids), dtype=torch.long,
+                                       device=dev), sampling, tok.stop_ids, tok.pad_id, generator)
     new = [t for t, keep in zip(out[0, len(ids):].tolist(), mask[0].tolist()) if keep]
     return tok.tokenizer.decode(new, skip_special_tokens=True).strip()
 
@@ -57,8 +68,15 @@ def main(cfg: GenerateConfig):
     if not os.path.isdir(model_dir):
         raise common.UsageError(f"--model {model_dir}: no such directory")
     tok = common.load_tokenizer(model_dir, cfg)
-    net = M.from_pretrained(model_dir).eval()
-    g = torch.Generator().manual_seed(cfg.seed)
+    try:
+        device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise common.UsageError(f"--device {cfg.device}: {str(e).splitlines()[0]}") from None
+    # bf16 on a CPU without native bf16 is ~70x slower than fp32 (config.TrainConfig's dtype): auto is fp32 there
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else torch.float32
+    net = hf_io.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    g = torch.Generator(device).manual_seed(cfg.seed)
     history = []
 
     def reply(text):

@@ -14,7 +14,19 @@ the first step of a fresh run, every --eval-every steps and after the last; the 
 are logged every --log-every steps (and after the first); a checkpoint is written every
 --save-every steps, and on SIGTERM or at --stop-after, after which the loop ends.
 
-`accumulate` is nanotrl's one rule for normalising a loss across micro-batches and ranks.
+`accumulate` is nanotrl's one rule for normalising a loss across micro-batches and ranks, and for
+averaging a step's metrics. Its `loss(mb, totals)` callback returns (loss, metrics):
+
+    loss     the micro-batch's sum over its units (tokens, pairs, sequences) divided by `totals`,
+             the step's counts of those units over all micro-batches and ranks (from `count(mb)`)
+    metrics  {name: (mean, weight)}: the micro-batch's own mean of a metric and how many units it
+             is a mean over, e.g. {"accuracy": (0.75, 16)} for 16 pairs;
+             or {name: number}: the micro-batch's part of a step total, like the loss itself
+             (a sum divided by totals, or a count)
+
+and accumulate returns {"loss": the step's loss, name: sum(mean * weight) / sum(weight), or the sum
+of the parts, over the step's micro-batches and ranks}: the step's weighted means are computed
+once, here, so that a script never scales a mean by its micro-batch's share of the step.
 """
 import atexit
 import dataclasses
@@ -23,9 +35,10 @@ import os
 import time
 
 import torch
-import torch.distributed as torchdist
+
 
 import checkpoint
+import collectives
 import common
 
 
@@ -58,7 +71,7 @@ class Loop:
             yield step
             done = step + 1
             if done % cfg.log_every == 0 or step == self.start:
-                self.log.log(done, self.metrics, tokens=common.all_sum(self.tokens, dist))
+                self.log.log(done, self.metrics, tokens=collectives.all_sum(self.tokens, dist))
                 self.tokens = 0
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
                 self._evaluate(done)
@@ -66,20 +79,10 @@ class Loop:
             if (cfg.save_every and done % cfg.save_every == 0) or stop:
                 checkpoint.save_checkpoint(cfg.out, done, dist, self.parts, {"config": dataclasses.asdict(cfg)})
             if stop:
-                common.print0(f"stopping after step {done} with a checkpoint; continue with --resume")
+                collectives.print0(f"stopping after step {done} with a checkpoint; continue with --resume")
                 return
         self._evaluate(cfg.max_steps)
         self.finished = True
-
-
-def sum_over_ranks(values: dict, dist) -> dict:
-    """{name: number} summed over ranks, in one collective (every rank passes the same names)."""
-    if dist.world == 1 or not values:
-        return {k: float(v) for k, v in values.items()}
-    names = sorted(values)
-    t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=dist.device)
-    torchdist.all_reduce(t)
-    return dict(zip(names, t.tolist()))
 
 
 def accumulate(model, micro, dist, step, count, loss, what="loss"):
@@ -89,29 +92,58 @@ def accumulate(model, micro, dist, step, count, loss, what="loss"):
     same however the step is split into micro-batches and processes.
 
       count(mb) -> {unit: how many the micro-batch holds}, e.g. {"tokens": 812}
-      loss(mb, totals) -> (loss, metrics): the micro-batch's sums divided by `totals`, those
-                          counts summed over the step's micro-batches and ranks (at least 1)
+      loss(mb, totals) -> (loss, metrics)
+        loss     the micro-batch's sum divided by `totals`, those counts summed over the step's
+                 micro-batches and ranks (at least 1)
+        metrics  {name: (mean, weight)}: the micro-batch's own mean of a metric and how many
+                 units it is a mean over, e.g. {"accuracy": (0.75, 16)} for 16 pairs; or
+                 {name: number}: its part of a step total, like the loss (summed)
 
-    Summed over micro-batches (here) and ranks (the gradient reduction) that is the step's mean.
-    FSDP averages gradients over ranks, so each loss is multiplied by the world size to make the
-    reduction a sum; gradients are reduced once, after the last micro-batch. Returns {"loss",
-    **metrics}, each summed over micro-batches and ranks, having stopped on a non-finite loss."""
+    Summed over micro-batches (here) and ranks (the gradient reduction) the losses are the step's
+    mean. FSDP averages gradients over ranks, so each loss is multiplied by the world size to make
+    the reduction a sum. Gradients are reduce-scattered after every micro-batch, so that a rank
+    never holds more than its shard of them (skipping it would keep the whole model's gradients,
+    unsharded and in fp32, on every rank until the last micro-batch); with HSDP only the all-reduce
+    across replica groups waits for the last one. Metric values may be 0-d tensors: they are read
+    once, after the last micro-batch, so no micro-batch waits for the device.
+
+    Returns {"loss": the step's loss, name: the step's value of each metric}, the same on every
+    rank, having stopped on a non-finite loss. A mean's step value is sum(mean * weight) /
+    sum(weight) over micro-batches and ranks, so no caller scales its means by its share of the
+    step; a weight of 0 adds nothing (the mean of no units may be NaN), and a mean with no weight
+    at all in the step is 0. A part's step value is the sum of the parts. Every micro-batch on
+    every rank must return the same names, each in the same form."""
     counts = {}
     for mb in micro:
         for k, v in count(mb).items():
-            counts[k] = counts.get(k, 0.0) + float(v)
-    totals = {k: max(v, 1.0) for k, v in sum_over_ranks(counts, dist).items()}
-    sums = {}
+            counts[k] = counts.get(k, 0.0) + _f64(v)
+    totals = {k: max(v, 1.0) for k, v in collectives.sum_over_ranks(counts, dist).items()}
+    loss_sum, sums, weights = 0.0, {}, {}
     for i, mb in enumerate(micro):
-        if dist.world > 1:
-            model.set_requires_gradient_sync(i == len(micro) - 1)
+        if dist.mesh is not None:  # HSDP: reduce-scatter within the replica group always, all-reduce once
+            model.set_requires_all_reduce(i == len(micro) - 1)
         value, metrics = loss(mb, totals)
         (value * dist.world).backward()
-        for k, v in {"loss": value.detach(), **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    sums = sum_over_ranks(sums, dist)
-    common.check_finite(sums["loss"], step, what)
-    return sums
+        loss_sum = loss_sum + _f64(value)
+        for k, v in metrics.items():
+            if isinstance(v, tuple):  # (mean, weight); a weight of 0 adds nothing (its mean may be NaN)
+                mean, weight = v
+                sums[k] = sums.get(k, 0.0) + (_f64(mean) * weight if weight else 0.0)
+                weights[k] = weights.get(k, 0.0) + float(weight)
+            else:  # a part of a step total
+                sums[k] = sums.get(k, 0.0) + _f64(v)
+    # the loss, every metric's sum and every mean's weight in one collective (one read of the device)
+    total = collectives.sum_over_ranks({"loss": loss_sum, **{"sum:" + k: v for k, v in sums.items()},
+                                        **{"weight:" + k: v for k, v in weights.items()}}, dist)
+    common.check_finite(total["loss"], step, what)
+    means = {k: total["sum:" + k] / total["weight:" + k] if total["weight:" + k] else 0.0 for k in weights}
+    return {"loss": total["loss"], **{k: means.get(k, total["sum:" + k]) for k in sums}}
+
+
+
+def _f64(v):
+    """A metric as fp64 (sums over micro-batches keep a float's precision), a tensor left on its device."""
+    return v.detach().double() if torch.is_tensor(v) else float(v)
 
 
 def micro_batches(rows, n):

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-import model as M
+import hf_io
 
 # HF leaf names (PEFT's target_modules) of GPT-2 -> our leaf names; nanotrl splits c_attn into q/k/v
 GPT2_TARGETS = {"c_attn": ("q_proj", "k_proj", "v_proj"), "c_proj": ("o_proj", "down_proj"), "c_fc": ("up_proj",)}
@@ -220,7 +220,7 @@ def gpt2_module_name(k):
 
 def save_adapter(path, config, sd):
     """<path>/adapter_config.json + adapter_model.safetensors, written atomically."""
-    with M.atomic_dir(path) as tmp:
+    with hf_io.atomic_dir(path) as tmp:
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)
         save_file(sd, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -24,6 +24,20 @@ import torch.utils.checkpoint
 # ---------------------------------------------------------------------------------------------
 
 
+def _head_weight(weight, dtype):
+    """The LM head as the chunked log-probs multiply it: a bf16/fp16 head on a GPU as it is (with
+    fp32 output, _head_mm), not as an fp32 copy ([V, D]: 2.1 GB for Llama-3-8B per call); else in
+    `dtype` (fp32, or fp64 in exact tests)."""
+    return weight if weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) else weight.to(dtype)
+
+
+def _head_mm(h, w, out):
+    """out [C, V] = h @ w.T in out's dtype: bf16 inputs accumulate in fp32 on the tensor cores."""
+    if w.dtype != out.dtype:
+        return torch.mm(h.to(w.dtype), w.T, out_dtype=out.dtype, out=out)
+    return torch.mm(h.to(out.dtype), w.T, out=out)
+
+
 def _no_autocast(t):
     # The model may call the head under bf16 autocast, which would silently run our fp32 matmuls
     # in bf16: log-probs of a 150k vocabulary need fp32 logits.
@@ -43,7 +57,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size):  # [N, D], [V, D], [B, T] long -> [B, T]
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for exact tests
-        w = weight.to(dtype)
+        w = _head_weight(weight, dtype)
         N, shape, labels = labels.numel(), labels.shape, labels.reshape(-1)
         # the output in the labels' shape, not a view of a flat one: FSDP2 warns about a module
         # returning a view (an in-place op on it would skip its backward hook)
@@ -53,7 +67,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         with _no_autocast(hidden):
             for s in range(0, N, chunk_size):
                 e = min(s + chunk_size, N)
-                logits = torch.mm(hidden[s:e].to(dtype), w.T, out=buf[:e - s])  # [C, V]
+                logits = _head_mm(hidden[s:e], w, buf[:e - s])  # [C, V]
                 picked = logits.gather(1, labels[s:e, None]).squeeze(1)
                 m = logits.amax(dim=-1, keepdim=True)
                 lse[s:e] = logits.sub_(m).exp_().sum(dim=-1).log_() + m.squeeze(1)
@@ -68,19 +82,19 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_logps = grad_logps.reshape(-1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dtype, N, C = lse.dtype, labels.numel(), ctx.chunk_size
-        w = weight.to(dtype)
+        w = _head_weight(weight, dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(w) if need_w else None  # accumulated over chunks in fp32
+        grad_w = w.new_zeros(w.shape, dtype=dtype) if need_w else None  # accumulated over chunks in fp32
         buf = hidden.new_empty(min(C, N), w.shape[0], dtype=dtype)
         with _no_autocast(hidden):
             for s in range(0, N, C):
                 e = min(s + C, N)
                 h, g = hidden[s:e].to(dtype), grad_logps[s:e].to(dtype)
                 # dlogits = g * (onehot - softmax), built in place in the [C, V] buffer
-                dlogits = torch.mm(h, w.T, out=buf[:e - s]).sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
+                dlogits = _head_mm(h, w, buf[:e - s]).sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
                 dlogits.scatter_add_(1, labels[s:e, None], g[:, None])
                 if need_h:
-                    grad_h[s:e] = dlogits @ w
+                    grad_h[s:e] = dlogits @ w if w.dtype == dtype else torch.mm(dlogits.to(w.dtype), w, out_dtype=dtype)
                 if need_w:
                     grad_w.addmm_(dlogits.T, h)
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
@@ -124,9 +138,10 @@ def entropy_from_hidden(hidden, lm_head_weight, chunk_size=256):
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    w = lm_head_weight.to(dtype)
+    w = _head_weight(lm_head_weight, dtype)
     with _no_autocast(hidden):
-        chunks = [entropy_from_logits(flat[s:s + chunk_size].to(dtype) @ w.T)
+        chunks = [entropy_from_logits(_head_mm(flat[s:s + chunk_size], w, flat.new_empty(
+                  min(chunk_size, flat.shape[0] - s), w.shape[0], dtype=dtype)))
                   for s in range(0, flat.shape[0], chunk_size)]
     return torch.cat(chunks).reshape(hidden.shape[:-1]).clone()  # not a view: see _ChunkedLogprobs
 
@@ -631,8 +646,8 @@ def sapo_loss(logps, old_logps, advantages, mask, tau_pos=1.0, tau_neg=1.05, agg
     stats: ratio_mean.
     """
     ratio = torch.exp(logps - old_logps)
-    tau = torch.where(advantages > 0, torch.as_tensor(tau_pos, dtype=ratio.dtype),
-                      torch.as_tensor(tau_neg, dtype=ratio.dtype))
+    tau = torch.where(advantages > 0, torch.as_tensor(tau_pos, dtype=ratio.dtype, device=ratio.device),
+                      torch.as_tensor(tau_neg, dtype=ratio.dtype, device=ratio.device))
     gate = torch.sigmoid(tau * (ratio - 1)) * 4 / tau
     loss = policy_gradient_loss(-gate * advantages, mask, agg, max_len, num_tokens, num_sequences)
     with torch.no_grad():

@@ -22,7 +22,7 @@ NF4 = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0])
+    0.7229568362236023, 1.0], device="cpu")
 
 
 PAIRS = torch.stack((NF4.repeat_interleave(16), NF4.repeat(16)), -1)  # [256, 2]: a byte's two levels
@@ -33,10 +33,10 @@ def dynamic_map():
     run of zeros giving the decimal exponent 10^-6..10^0, then a linear fraction in (0.1, 1)."""
     data = [0.0, 1.0]
     for i in range(7):
-        bounds = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        bounds = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32, device="cpu")
         means = ((bounds[:-1] + bounds[1:]) / 2.0 * 10 ** (i - 6)).tolist()
         data += means + [-m for m in means]
-    return torch.tensor(sorted(data), dtype=torch.float32)
+    return torch.tensor(sorted(data), dtype=torch.float32, device="cpu")
 
 
 DYNAMIC = dynamic_map()
@@ -73,15 +73,26 @@ def quantize(w, double_quant=False):
     return {**out, "qabsmax": q2[:len(centered)], "absmax2": absmax2, "offset": offset.reshape(1)}
 
 
+_TABLES = {}
+
+
+def _on(table, device):
+    """A lookup table on `device`, copied there once (not at every dequantization)."""
+    key = (id(table), torch.device(device))
+    if key not in _TABLES:
+        _TABLES[key] = table.to(device)
+    return _TABLES[key]
+
+
 def dequantize(shape, dtype, codes, absmax=None, qabsmax=None, absmax2=None, offset=None):
     """The dense weight [shape] in `dtype`, computed in fp32 as bitsandbytes does."""
     if absmax is None:
         n = len(qabsmax)
-        scale = DYNAMIC.to(codes.device)[F.pad(qabsmax, (0, -n % BLOCK2)).long()].view(-1, BLOCK2) * absmax2[:, None]
+        scale = _on(DYNAMIC, codes.device)[F.pad(qabsmax, (0, -n % BLOCK2)).long()].view(-1, BLOCK2) * absmax2[:, None]
         absmax = scale.reshape(-1)[:n] + offset
     # one lookup per byte into its two levels (high nibble first): an int32 index (2 bytes per
     # weight) besides the fp32 result, where int64 indices per nibble would take 8
-    w = PAIRS.to(codes.device).index_select(0, codes.int()).view(-1, BLOCK).mul_(absmax[:, None])
+    w = _on(PAIRS, codes.device).index_select(0, codes.int()).view(-1, BLOCK).mul_(absmax[:, None])
     return w.view(shape).to(dtype)
 
 
@@ -121,6 +132,8 @@ class NF4Linear(nn.Module):
         return dequantize((self.out_features, self.in_features), dtype, **self.quant_tensors())
 
     def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):  # W dequantized straight into the compute dtype, not cast again
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         qt = self.quant_tensors()
         args = [qt["codes"]] + ([qt["absmax"]] if "absmax" in qt else [None, qt["qabsmax"], qt["absmax2"], qt["offset"]])
         y = _NF4Matmul.apply(x, (self.out_features, self.in_features), *args)

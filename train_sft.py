@@ -15,10 +15,13 @@ from dataclasses import dataclass
 import torch
 
 import checkpoint
+import collectives
 import common
 import config
+import engine
 import forward
 import losses
+import hf_io
 import model as M
 from data import batching, formats, task
 from loop import Loop, accumulate
@@ -27,18 +30,19 @@ from loop import Loop, accumulate
 @dataclass
 class SFTConfig(config.TrainConfig):
     """Supervised fine-tuning (SFT)."""
-    model: str = ""            # HF model directory; built-in task: a tiny model from scratch (with --lora-r: runs/sft_base)
-    out: str = "runs/sft"
-    max_steps: int = 900
-    batch_size: int = 32       # per process: 64 per step on 2 processes
-    lr: float = 1e-3
-    warmup_steps: int = 30
-    eval_data: str = ""        # held-out JSONL for eval/loss; built-in task: its test split
-    eval_every: int = 200
-    eval_samples: int = 256    # held-out prompts for eval/accuracy (built-in task)
-    max_new_tokens: int = 16   # built-in task: length cap of generated answers (eval/accuracy)
-    packing: bool = False      # pack short examples into rows of max_length tokens
-    train_on_prompt: bool = False  # learn the prompt tokens too
+    model: str = config.arg("", "HF model directory; built-in task: a tiny model from scratch (with --lora-r: "
+                                "runs/sft_base)")
+    out: str = config.arg("runs/sft", "output directory: metrics.jsonl, checkpoints/, final HF model")
+    max_steps: int = config.arg(900, "optimizer steps")
+    batch_size: int = config.arg(32, "per process: 64 per step on 2 processes")
+    lr: float = config.arg(1e-3, "peak learning rate, reached after warmup")
+    warmup_steps: int = config.arg(30, "linear warmup from 0 to lr over N steps")
+    eval_data: str = config.arg("", "held-out JSONL for eval/loss; built-in task: its test split")
+    eval_every: int = config.arg(200, "evaluate every N steps; 0 = only at the start and the end")
+    eval_samples: int = config.arg(256, "held-out prompts for eval/accuracy (built-in task)")
+    max_new_tokens: int = config.arg(16, "built-in task: length cap of generated answers (eval/accuracy)")
+    packing: bool = config.arg(False, "pack short examples into rows of max_length tokens")
+    train_on_prompt: bool = config.arg(False, "learn the prompt tokens too")
     RANGES = {**config.TrainConfig.RANGES, "max_new_tokens": "[1, inf)"}
 
 
@@ -68,17 +72,18 @@ def main(cfg: SFTConfig):
         if eval_path else []
     # the built-in task also measures exact-match accuracy of greedy answers to held-out prompts
     questions = [] if cfg.data else formats.load_prompts(eval_path)[:cfg.eval_samples]
-    common.print0(f"{len(train)} training examples from {train_path}; {len(eval_set)} held out")
+    collectives.print0(f"{len(train)} training examples from {train_path}; {len(eval_set)} held out")
 
     # ---- model
     if base:  # streamed: quantized (--quantize), adapted (--lora-r) and sharded block by block
         model = common.load_model(base, cfg, dist, adapt=True)
     else:  # the built-in task trains its tiny model from scratch
-        model = M.Transformer(M.read_config(model_dir))
+        with torch.device(dist.device):  # built where it trains (initialised from a CPU generator: the same weights)
+            model = M.Transformer(hf_io.read_config(model_dir))
         model.init_weights(seed=cfg.seed)
         model.grad_checkpointing = cfg.grad_ckpt
         model = common.shard(model, dist)
-    common.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, world {dist.world}")
+    collectives.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, world {dist.world}")
     opt = common.make_optimizer(model, cfg)
 
     def evaluate():
@@ -93,9 +98,9 @@ def main(cfg: SFTConfig):
                     logps, mask = forward.token_logps(model, batch, dist, cfg.chunk_size)
                     nll, ntok = nll - (logps * mask).sum().item(), ntok + mask.sum().item()
             model.train()
-            metrics["eval/loss"] = common.all_sum(nll, dist) / max(common.all_sum(ntok, dist), 1)
+            metrics["eval/loss"] = collectives.all_sum(nll, dist) / max(collectives.all_sum(ntok, dist), 1)
         if questions:
-            metrics["eval/accuracy"] = forward.eval_accuracy(model, tok, questions, dist, task.is_correct,
+            metrics["eval/accuracy"] = engine.eval_accuracy(engine.Engine(model, tok, dist), questions, task.is_correct,
                                                              cfg.max_new_tokens)
         return metrics
 

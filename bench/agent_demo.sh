@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The built-in task with agent.py's calculator: SFT on train_tools.jsonl (every 3rd demonstration
 # calls the calculator, the others keep the flawed teacher's carries), then GRPO from that model
-# with the tool and without it, seeds 0 and 1, on 2 processes. Prints each run's held-out accuracy
-# (and tool-call rate) before -> after, and its wall time, as JSON lines.
+# with the tool and without it, seeds 0 and 1, on one process per GPU (2 on a machine without one).
+# Prints each run's held-out accuracy (and tool-call rate) before -> after, and its wall time, as
+# JSON lines.
 #   bash bench/agent_demo.sh            (from the repository root; NPROC=1 for one process)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=${NPROC:-2}
+if [ -n "${NPROC:-}" ]; then N=$NPROC  # processes: NPROC, else one per GPU torch sees, else 2 on a CPU
+else
+  N=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  [ "$N" -gt 0 ] 2>/dev/null || N=2
+fi
 STEPS=${STEPS:-30}
 python -c "from data import task; task.ensure_task(task.TASK_DIR)"
 [ -e runs/sft_tools/model/config.json ] || torchrun --standalone --nproc_per_node "$N" train_sft.py \

@@ -15,6 +15,12 @@ Prints JSON lines; the last has peak_rss_mb (the max over ranks), the README's m
 prediction (predicted_mb, by part, one process) and its error, and for dpo s_per_step and where
 the time goes (reference forward, policy forward, backward, optimizer; and the share of the NF4
 dequantization, timed separately: each projection is dequantized 4 times a step).
+
+On a GPU: every clock is read after a synchronize; peak_gpu_mb is max_memory_allocated (the max
+over ranks), peak_mem_mb and the prediction's error are against it, and the prediction leaves out
+the runtime (host memory: torch and Python); peak_rss_mb is the host's. The checkpoint's random
+weights are drawn on the GPU by this process (the CPU's generator draws ~100M numbers a second:
+80 s for 8B), and the GPU's peak is reset after writing it.
 """
 import argparse
 import json
@@ -29,14 +35,17 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import collectives  # noqa: E402
 import common  # noqa: E402
 import config  # noqa: E402
 import forward  # noqa: E402
 import lora  # noqa: E402
 import losses  # noqa: E402
+import hf_io  # noqa: E402
 import model as M  # noqa: E402
 import nf4  # noqa: E402
 from data import batching  # noqa: E402
+from timing import sync  # noqa: E402
 
 SHAPES = {  # config.json fields of the real checkpoints
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -94,17 +103,28 @@ hf = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size"
 cfg = config.TrainConfig(lr=1e-5, warmup_steps=0, max_steps=10**9, grad_ckpt=True, lora_r=a.lora_r,
                          quantize=a.quantize, double_quant=a.double_quant)
 dist = common.setup(cfg)
+dev, cuda = dist.device, dist.device.type == "cuda"
 
 
-def rss_mb():
-    peak = torch.tensor(float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024)
+def max_over_ranks(x):
+    # on the run's device: NCCL reduces CUDA tensors only
+    peak = torch.tensor(float(x), device=dev)
     if dist.world > 1:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     return round(peak.item(), 1)
 
 
-def write_checkpoint(path):
-    """Random bf16 weights as an HF sharded checkpoint: one file per block, written as generated."""
+def rss_mb():
+    return max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def gpu_mb():
+    return max_over_ranks(torch.cuda.max_memory_allocated(dev) / 2**20)
+
+
+def write_checkpoint(path, device="cpu"):
+    """Random bf16 weights as an HF sharded checkpoint: one file per block, written as generated
+    (drawn on `device`)."""
     mcfg = M.ModelConfig.from_hf(hf)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in M.Transformer(mcfg).state_dict().items()}
@@ -114,14 +134,14 @@ def write_checkpoint(path):
     for k in shapes:
         groups.setdefault(k.split(".")[2] if k.startswith("model.layers.") else "rest", []).append(k)
     os.makedirs(path, exist_ok=True)
-    g, weight_map = torch.Generator().manual_seed(0), {}
+    g, weight_map = torch.Generator(device).manual_seed(0), {}
     for i, (_, names) in enumerate(groups.items()):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
         for k in names:
             s = shapes[k]
-            t = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g).mul_(0.02)
-            tensors[k] = t.to(torch.bfloat16)
+            t = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g, device=device).mul_(0.02)
+            tensors[k] = t.to(torch.bfloat16).cpu()
         save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in names})
         del tensors
@@ -137,25 +157,31 @@ if dist.world > 1:
     torch.distributed.broadcast_object_list(box)
     ckpt = box[0]
 t0 = time.perf_counter()
-if dist.main and not os.path.exists(os.path.join(ckpt, "config.json")):
+if dist.main and not os.path.exists(os.path.join(ckpt, "config.json")) and cuda:
+    write_checkpoint(ckpt, dev)  # the GPU draws the weights; its peak is reset below
+    torch.cuda.empty_cache()
+elif dist.main and not os.path.exists(os.path.join(ckpt, "config.json")):
     pid = os.fork()  # a child writes it: its memory stays out of this process's peak RSS
     if pid == 0:
         write_checkpoint(ckpt)
         os._exit(0)
     if os.waitpid(pid, 0)[1] != 0:
         raise RuntimeError(f"writing the checkpoint into {ckpt} failed")
-common.barrier(dist)
+collectives.barrier(dist)
 write_s = time.perf_counter() - t0
 base_rss = rss_mb()
+if cuda:
+    torch.cuda.reset_peak_memory_stats(dev)
 
 t0 = time.perf_counter()
 policy = common.load_model(ckpt, cfg, dist, adapt=True, train=a.algo == "dpo")
+sync(dev)
 load_s = time.perf_counter() - t0
 out = {"shape": a.shape, "layers": hf["num_hidden_layers"], "algo": a.algo, "world": dist.world, "quantize": a.quantize,
        "double_quant": a.double_quant, "lora_r": a.lora_r, "params_b": round(sum(
-           p.numel() for p in M.from_pretrained(ckpt, device="meta").parameters()) / 1e9, 3),
+           p.numel() for p in hf_io.from_pretrained(ckpt, device="meta").parameters()) / 1e9, 3),
        "write_ckpt_s": round(write_s, 1), "load_s": round(load_s, 1), "rss_before_load_mb": base_rss,
-       "peak_rss_after_load_mb": rss_mb()}
+       "peak_rss_after_load_mb": rss_mb(), **({"peak_gpu_after_load_mb": gpu_mb()} if cuda else {})}
 if dist.main:
     print(json.dumps(out), flush=True)
 
@@ -168,39 +194,50 @@ if a.algo == "dpo":
     for step in range(a.steps):
         prompt, ch, rj = (torch.randint(4, V, (n,), generator=g).tolist() for n in (P, A, A))
         batch = batching.collate_preference_shared([{"prompt_ids": prompt, "chosen_ids": ch, "rejected_ids": rj}], pad_id=0)
+        sync(dev)  # every clock read waits for the GPU's queued kernels
         t = time.perf_counter()
         with torch.no_grad(), lora.adapters_disabled(ref):
             ref_lp, mask = forward.token_logps(ref, batch, dist, cfg.chunk_size)
+        sync(dev)
         t1 = time.perf_counter()
         lp, mask = forward.token_logps(policy, batch, dist, cfg.chunk_size)
         seq, ref_seq = (lp * mask).sum(-1), (ref_lp * mask).sum(-1)
         loss = losses.dpo_loss(seq[:1], seq[1:], ref_seq[:1], ref_seq[1:])[0].mean()
+        sync(dev)
         t2 = time.perf_counter()
         loss.backward()
+        sync(dev)
         t3 = time.perf_counter()
         common.optimizer_step(policy, opt, step, cfg)
+        sync(dev)
         t4 = time.perf_counter()
         for k, dt in zip(phases, (t1 - t, t2 - t1, t3 - t2, t4 - t3)):
             phases[k] += dt
         peak = rss_mb()
         if dist.main:
-            print(json.dumps({"step": step, "s": round(t4 - t, 1), "peak_rss_mb": peak}), flush=True)
+            print(json.dumps({"step": step, "s": round(t4 - t, 1), "peak_rss_mb": peak,
+                              **({"peak_gpu_mb": gpu_mb()} if cuda else {})}), flush=True)
     out["s_per_step"] = round(sum(phases.values()) / a.steps, 2)
     out.update({k + "_s": round(v / a.steps, 2) for k, v in phases.items()})
     if a.quantize:  # one dequantization of every projection (local shards' layers as one process sees them)
         layers = [m for m in policy.modules() if isinstance(m, nf4.NF4Linear)]
+        sync(dev)
         t = time.perf_counter()
         for m in layers if dist.world == 1 else ():
             m.dequantize()
+        sync(dev)
         out["dequantize_all_s"] = round(time.perf_counter() - t, 2)
         out["dequantize_share"] = round(4 * out["dequantize_all_s"] / out["s_per_step"], 3)  # ref, policy, recompute, backward
     out["tokens"] = P + 2 * A
     out["trainable_m"] = round(sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6, 2)
 out["peak_rss_mb"] = rss_mb()
+if cuda:
+    out["peak_gpu_mb"] = gpu_mb()
+out["peak_mem_mb"] = out["peak_gpu_mb"] if cuda else out["peak_rss_mb"]
 model_mb = predict_mb(hf, a.quantize, a.double_quant, a.lora_r, a.prompt_len + 2 * a.answer_len, 2 * a.answer_len,
-                      cfg.chunk_size, a.algo)
+                      cfg.chunk_size, a.algo, **({"runtime_mb": 0} if cuda else {}))  # the runtime is host memory
 out["predicted_mb"] = model_mb
-out["predicted_error"] = round(model_mb["peak"] / out["peak_rss_mb"] - 1, 3)
+out["predicted_error"] = round(model_mb["peak"] / out["peak_mem_mb"] - 1, 3)
 if dist.main:
     print(json.dumps(out), flush=True)
     if not a.ckpt:

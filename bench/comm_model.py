@@ -12,9 +12,10 @@ keeps its parameters from forward to backward). S = world / replicas ranks share
     into the whole unit, once in forward and again in backward for every block and NF4 unit, once
     per micro-batch for the root (it stays gathered through backward); in the compute dtype (bf16
     under FSDP's mixed precision on GPU, fp32 on CPU); NF4 units as their own uint8/fp32 bytes.
-  - reduce-scatter: the padded gradients of a unit's trainable parameters, once per optimizer step
-    (the last micro-batch; see loop.accumulate), in fp32.
-  - all-reduce (HSDP only): each reduce-scattered shard over the `replicas` groups, once per step.
+  - reduce-scatter: the padded gradients of a unit's trainable parameters, once per micro-batch
+    (a rank keeps only its shard of the gradients; see loop.accumulate), in fp32.
+  - all-reduce (HSDP only): each reduce-scattered shard over the `replicas` groups, once per step
+    (after the last micro-batch).
   - a frozen model (the DPO/PPO reference, a reward model) gathers each block once per forward;
     its root is gathered by its first forward and then stays gathered (no backward reshards it).
   - QLoRA with adapters on every projection: in block 0 the q_proj and k_proj NF4 units take no
@@ -80,7 +81,7 @@ def step_collectives(model, world, replicas=1, grad_accum=1, compute_bytes=4, re
         trainable = [p for p in params if p.requires_grad]
         if trainable:
             rs = shard_bytes(trainable, S, reduce_bytes)
-            out[("reduce_scatter", rs * S, rs, S)] += 1
+            out[("reduce_scatter", rs * S, rs, S)] += grad_accum
             if replicas > 1:
                 out[("all_reduce", rs, rs, replicas)] += 1
     if reshard_after_forward and any(p.requires_grad for p in model.parameters()):

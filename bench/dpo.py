@@ -27,6 +27,7 @@ import forward  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
 import train_dpo  # noqa: E402
+from data import batching  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--layers", type=int, default=4)
@@ -74,7 +75,8 @@ opt = common.make_optimizer(policy, config.TrainConfig(lr=1e-4))  # train_dpo.py
 
 def seq_logps(m, batch):  # exactly train_dpo.py's path: only answer positions go through the LM head
     if a.naive_logps:
-        logits = m(batch["input_ids"], batch["attention_mask"] if "index" in batch else None, batch["position_ids"])
+        mask = batching.shared_prompt_mask(batch["segments"]) if "segments" in batch else None  # shared-prompt rows
+        logits = m(batch["input_ids"], mask, batch["position_ids"])
         if "index" in batch:  # shared-prompt rows: the positions that predict each answer token
             logits = logits.flatten(0, 1)[batch["index"]]
         return (losses.logprobs_from_logits(logits, batch["labels"]) * batch["loss_mask"]).sum(-1)

@@ -1,5 +1,5 @@
 """
-Batched sampling on a real checkpoint: model.generate against transformers' `generate`, run
+Batched sampling on a real checkpoint: engine.generate_ids against transformers' `generate`, run
 interleaved in one process (ours, theirs, ours, theirs, ...; medians), with the fraction of the
 matmul-bound floor.
 
@@ -12,7 +12,7 @@ gets min_new_tokens), temperature 1, no top-k / top-p, so both do the same work.
 
 floor_s is (prefill + decode FLOPs) / the fp32 FLOP/s of a 4096 x 576 x 1536 matmul measured here:
 2 FLOPs per multiply-add of every linear layer over every real position (the prefill's padding
-is not work: model.generate skips it, transformers computes it), the LM head over one position per
+is not work: the engine skips it, transformers computes it), the LM head over one position per
 sequence per step (the prompt's last, then each new token), attention 4 * head_dim * heads * layers
 per attended (query, key) pair. floor_fraction = floor_s / seconds.
 One JSON line per batch size.
@@ -25,7 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model as M  # noqa: E402
+import engine  # noqa: E402
+import hf_io  # noqa: E402
 from timing import DEFAULT_MODEL, interleaved, machine, matmul_flops_per_s  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -40,7 +41,7 @@ a = p.parse_args()
 if a.threads:
     torch.set_num_threads(a.threads)
 
-ours = M.from_pretrained(a.model).eval()
+ours = hf_io.from_pretrained(a.model).eval()
 cfg = ours.cfg
 hf = None
 if not a.no_hf:
@@ -67,7 +68,7 @@ for B in [int(b) for b in a.batch.split(",")]:
     ids = torch.randint(4, cfg.vocab_size, (B, P), generator=g) * mask
 
     def run_ours():
-        out = M.generate(ours, ids, mask, a.new_tokens, temperature=1.0, eos_ids=(), pad_id=0)[0]
+        out = engine.generate_ids(ours, ids, mask, engine.Sampling(a.new_tokens, 1.0))[0]
         assert out.shape[1] == P + a.new_tokens
 
     def run_hf():
@@ -79,7 +80,7 @@ for B in [int(b) for b in a.batch.split(",")]:
     fns = {"ours": run_ours, "matmul": lambda: matmul_flops_per_s(reps=3)}
     if hf is not None:
         fns["transformers"] = run_hf
-    M.generate(ours, ids[:2], mask[:2], 2)  # warm-up: short calls, not a whole untimed round
+    engine.generate_ids(ours, ids[:2], mask[:2], engine.Sampling(2))  # warm-up: short calls, not a whole untimed round
     if hf is not None:
         with torch.no_grad():
             hf.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=True, pad_token_id=0)

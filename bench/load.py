@@ -1,5 +1,5 @@
 """
-Loading a real checkpoint: model.from_pretrained and the scripts' streamed common.load_model
+Loading a real checkpoint: hf_io.from_pretrained and the scripts' streamed common.load_model
 against transformers' AutoModelForCausalLM.from_pretrained, interleaved in one process (medians).
 
     python bench/load.py                         # SmolLM2-135M-Instruct (fp32 safetensors)
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import config  # noqa: E402
-import model as M  # noqa: E402
+import hf_io  # noqa: E402
 from timing import DEFAULT_MODEL, interleaved, machine  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -41,7 +41,7 @@ transformers.utils.logging.disable_progress_bar()
 
 
 def ours():
-    return M.from_pretrained(a.model)
+    return hf_io.from_pretrained(a.model)
 
 
 def ours_streamed():

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The README's built-in task table: every stage with `sweep.py` (mean +- sample std over seeds),
-# then one table (runs/results.md) and the curves (runs/results.png). Rerunning skips the runs
-# already finished.
+# The built-in task's table (docs/results.md; the README shows a selection): every stage with
+# `sweep.py` (mean +- sample std over seeds), then one table (runs/results.md) and the curves
+# (runs/results.png). Rerunning skips the runs already finished.
 #   bash bench/results.sh                   # every row over seeds 0-2 (~2 h on the 2-core dev machine)
 #   SEEDS=0 bash bench/results.sh           # seed 0 only (~40 min)
+# Processes: NPROC, else one per GPU, else 2 on a CPU (the table's figures are from 2 CPU processes).
 # DPO, RL and the reward model all start from runs/sft (the SFT stage's defaults, seed 0),
 # distillation's teacher is runs/ppo (GRPO's defaults, seed 0) and LoRA SFT adapts runs/sft_base;
 # they are trained first, on their own, so that no row's wall time includes them. A row's seeds
 # vary its own sampling and batch order only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N="${NPROC:-2}"
+if [ -n "${NPROC:-}" ]; then N=$NPROC  # processes: NPROC, else one per GPU torch sees, else 2 on a CPU
+else
+  N=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  [ "$N" -gt 0 ] 2>/dev/null || N=2
+fi
 S="python sweep.py --seeds ${SEEDS:-0,1,2} --nproc $N"
 M="python sweep.py --seeds ${SEEDS_MORE:-${SEEDS:-0,1,2}} --nproc $N"
 [ -e runs/sft/model/config.json ] || torchrun --standalone --nproc_per_node "$N" train_sft.py --out runs/sft

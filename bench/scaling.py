@@ -13,8 +13,8 @@ HSDP are the same thing). The time model of one optimizer step, per micro-batch:
             prefetches the next unit's all-gather while the current one computes): the first
             unit's gather + max(0, sum of forward gathers - F)
   backward: compute B = 2F (full fine-tuning; LoRA/QLoRA compute no weight gradients for the
-            base: B = F), plus max(0, backward gathers + (last micro-batch) reduce-scatters and
-            HSDP all-reduces - B) + the last unit's reduce-scatter (and all-reduce)
+            base: B = F), plus max(0, backward gathers + reduce-scatters (every micro-batch) and
+            HSDP all-reduces (the last micro-batch) - B) + the last unit's reduce-scatter (and all-reduce)
   a collective over g ranks moving b bytes per rank takes (g - 1) / g * b / bw + (g - 1) * latency
   (a ring; bw and latency of NVLink inside a node, of InfiniBand as soon as the group spans
   nodes); HSDP's all-reduce over R replicas 2 (R - 1) / R * b / bw_ib + 2 log2(R) * latency_ib.
@@ -107,13 +107,13 @@ def step_time(m, frozen, world, replicas, tokens, accum, seq, algo, adapters, a)
                                  if model is m or n != "root"]
     fwd = sum(collective_time("all_gather", nbytes, shards, inter, a) for nbytes in _FORWARD_GATHERS[key])
     bwd = times["all_gather"] - fwd
-    reduce = times["reduce_scatter"] + times["all_reduce"]
+    rs, ar = times["reduce_scatter"], times["all_reduce"]
     exposed_fwd = longest["all_gather"] + max(0.0, fwd - f - ref)
-    exposed_bwd = max(0.0, bwd - b) * (accum - 1) + max(0.0, bwd + reduce - b) + longest["reduce_scatter"] \
+    exposed_bwd = max(0.0, bwd + rs - b) * (accum - 1) + max(0.0, bwd + rs + ar - b) + longest["reduce_scatter"] \
         + longest["all_reduce"]
     total = accum * (compute + exposed_fwd) + exposed_bwd
     return total, {"compute_s": accum * compute, "exposed_comm_s": total - accum * compute,
-                   "gather_s": accum * times["all_gather"], "reduce_s": reduce}
+                   "gather_s": accum * times["all_gather"], "reduce_s": accum * rs + ar}
 
 
 def main():

@@ -39,11 +39,11 @@ import config  # noqa: E402
 import forward  # noqa: E402
 import lora  # noqa: E402
 import losses  # noqa: E402
+import hf_io  # noqa: E402
 import model as M  # noqa: E402
 from data import batching  # noqa: E402
 from shapes import SHAPES  # noqa: E402
-
-DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM parts
+from timing import DATASHEET_BF16  # noqa: E402  (dense, SXM parts)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
@@ -69,7 +69,7 @@ cfg = config.TrainConfig(dtype=a.dtype, lr=1e-5, warmup_steps=0, max_steps=10**9
 dist = common.setup(cfg)
 dev = dist.device
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-mcfg = M.read_config(a.model) if a.model else M.ModelConfig.from_hf({
+mcfg = hf_io.read_config(a.model) if a.model else M.ModelConfig.from_hf({
     "max_position_embeddings": 4 * a.seq_len, "rms_norm_eps": 1e-6, **SHAPES[a.shape],
     **({"num_hidden_layers": a.layers} if a.layers else {})})
 with torch.device("meta"):  # parameters of the linear layers between the embedding and the LM head
@@ -93,7 +93,7 @@ def measured_peak():
 
 def new_model():
     if a.model:
-        m = M.from_pretrained(a.model)
+        m = hf_io.from_pretrained(a.model)
     else:
         m = M.Transformer(mcfg)
         m.init_weights(seed=0)

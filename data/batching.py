@@ -7,6 +7,10 @@ Token lists -> tensors. The one place where the next-token shift happens:
 attention_mask is 0 on padding and a document id (1, 2, ...) on real tokens: model.py attends
 within a document only, so packed rows need nothing else. Sequences are right-padded for training
 and left-padded for generation.
+
+Batches are staged on the host: every tensor here names device="cpu", so that it stays there
+whatever torch's default device is (tests/test_devices.py runs the scripts with it set to meta);
+forward.to_device moves a batch to where it is computed.
 """
 import torch
 
@@ -21,7 +25,7 @@ def _stack(rows, pad_id):
     """Right-pad dict rows of lists (input_ids, labels, loss_mask, attention_mask, position_ids)."""
     T = max(len(r["input_ids"]) for r in rows)
     fill = {"input_ids": pad_id, "labels": pad_id, "loss_mask": 0, "attention_mask": 0, "position_ids": 0}
-    out = {k: torch.tensor([r[k] + [v] * (T - len(r[k])) for r in rows]) for k, v in fill.items()}
+    out = {k: torch.tensor([r[k] + [v] * (T - len(r[k])) for r in rows], device="cpu") for k, v in fill.items()}
     out["loss_mask"] = out["loss_mask"].float()
     return out
 
@@ -69,7 +73,7 @@ def collate_preference(examples, pad_id):
     return _stack(rows, pad_id)
 
 
-def collate_preference_shared(examples, pad_id):
+def collate_preference_shared(examples, pad_id, segments=False):
     """The same pairs as collate_preference, with each prompt computed once: row i is
     prompt_i + chosen_i + rejected_i, and the rejected tokens attend to the prompt and to
     themselves, never to the chosen ones (positions restart after the prompt). Same outputs for a
@@ -78,7 +82,10 @@ def collate_preference_shared(examples, pad_id):
     Returns input_ids / position_ids [B, L], attention_mask as a bool [B, 1, L, L] mask, and for
     the 2B sequences [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]: labels and loss_mask
     [2B, R] plus index [2B, R], the flat position in [B * L] whose hidden state predicts each label
-    (the last prompt position predicts the first token of both answers)."""
+    (the last prompt position predicts the first token of both answers).
+    segments=True: segment ids [B, L] (0 pad, 1 prompt, 2 chosen, 3 rejected) in place of the mask,
+    for the consumer to build it where it computes (shared_prompt_mask; forward.token_logps does,
+    on the run's device): B * L * L bytes are neither built on the host nor copied."""
     rows, seqs = [], []
     for e in examples:
         p, c, r = e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]
@@ -88,25 +95,33 @@ def collate_preference_shared(examples, pad_id):
         seqs.append((r, [P - 1] + list(range(P + C, P + C + len(r) - 1))))
     seqs = seqs[0::2] + seqs[1::2]  # chosen first, then rejected, as collate_preference
     L, R = max(len(ids) for ids, _, _ in rows), max(len(t) for t, _ in seqs)
-    ids = torch.tensor([r[0] + [pad_id] * (L - len(r[0])) for r in rows])
-    pos = torch.tensor([r[1] + [0] * (L - len(r[1])) for r in rows])
-    seg = torch.tensor([r[2] + [0] * (L - len(r[2])) for r in rows])
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    sq, sk = seg[:, :, None], seg[:, None, :]
-    mask = causal & (sk > 0) & ((sk == 1) | (sk == sq)) | torch.eye(L, dtype=torch.bool)  # pad sees itself
+    ids = torch.tensor([r[0] + [pad_id] * (L - len(r[0])) for r in rows], device="cpu")
+    pos = torch.tensor([r[1] + [0] * (L - len(r[1])) for r in rows], device="cpu")
+    seg = torch.tensor([r[2] + [0] * (L - len(r[2])) for r in rows], device="cpu")
     B = len(examples)
-    index = torch.tensor([[(i % B) * L + j for j in at] + [0] * (R - len(at)) for i, (_, at) in enumerate(seqs)])
-    labels = torch.tensor([t + [pad_id] * (R - len(t)) for t, _ in seqs])
-    loss_mask = torch.tensor([[1.0] * len(t) + [0.0] * (R - len(t)) for t, _ in seqs])
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None], "index": index,
-            "labels": labels, "loss_mask": loss_mask}
+    index = torch.tensor([[(i % B) * L + j for j in at] + [0] * (R - len(at)) for i, (_, at) in enumerate(seqs)],
+                         device="cpu")
+    labels = torch.tensor([t + [pad_id] * (R - len(t)) for t, _ in seqs], device="cpu")
+    loss_mask = torch.tensor([[1.0] * len(t) + [0.0] * (R - len(t)) for t, _ in seqs], device="cpu")
+    mask = {"segments": seg} if segments else {"attention_mask": shared_prompt_mask(seg)}
+    return {"input_ids": ids, "position_ids": pos, **mask, "index": index, "labels": labels, "loss_mask": loss_mask}
+
+
+def shared_prompt_mask(segments):
+    """The bool attention mask [B, 1, L, L] of collate_preference_shared's rows from their segment
+    ids [B, L], on their device: causal, each token sees the prompt and its own answer, and a pad
+    sees itself (no empty row)."""
+    L, dev = segments.shape[1], segments.device
+    causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    sq, sk = segments[:, :, None], segments[:, None, :]
+    return (causal & (sk > 0) & ((sk == 1) | (sk == sq)) | torch.eye(L, dtype=torch.bool, device=dev))[:, None]
 
 
 def collate_prompts(prompts, pad_id):
     """Left-padded prompt ids [B, P] and attention mask [B, P] for generation."""
     P = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device="cpu")
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device="cpu")
     return ids, mask
 
 
@@ -120,6 +135,6 @@ def batch_indices(n, batch_size, seed, step, rank=0, world=1):
         raise DataError(f"{n} examples are fewer than one global batch ({batch_size} x {world} processes): "
                         "lower --batch-size, or give more data")
     epoch, k = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    perm = torch.randperm(n, device="cpu", generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     start = k * per_step + rank * batch_size
     return perm[start:start + batch_size].tolist()

@@ -31,13 +31,7 @@ import os
 import random
 import re
 
-import torch
-import torch.distributed as torchdist
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-import common
-import forward
-from data import chat
 
 TASK_DIR = "runs/task"
 DIGITS = 2                   # both operands have exactly this many digits
@@ -167,31 +161,6 @@ def stage(path, what):
     """The model directory an earlier stage saved at `path`. If it is missing the run stops before
     writing anything and says which command makes it (no script runs another)."""
     if not os.path.exists(os.path.join(path, "config.json")):
-        raise common.UsageError(f"no {what} at {path}: make it first with `{MAKES[path]}` (or pass its flag)")
+        # FileNotFoundError: a user's mistake, one line (common.run); data/ imports nothing above it
+        raise FileNotFoundError(f"no {what} at {path}: make it first with `{MAKES[path]}` (or pass its flag)")
     return path
-
-
-def sample_preference_pairs(policy, tok, records, dist, samples=8, seed=0, max_new_tokens=16, batch_size=256):
-    """On-policy preference pairs, the way real pipelines make them: sample `samples` answers per
-    prompt at temperature 1, judge each with the verifier, and pair distinct correct answers
-    (chosen) with distinct wrong ones (rejected). Prompts are split over ranks and the pairs
-    gathered, in prompt order, on every rank."""
-    g = torch.Generator(dist.device).manual_seed(seed * 1000 + dist.rank)
-    mine = list(range(dist.rank, len(records), dist.world))
-    per_batch = max(1, batch_size // samples)
-    found = []
-    with common.unsharded(policy):
-        for i in range(0, len(mine), per_batch):
-            chunk = mine[i:i + per_batch]
-            prompts = [chat.tokenize_prompt(records[j], tok, 10**9) for j in chunk for _ in range(samples)]
-            texts = forward.generate(policy, tok, prompts, dist, max_new_tokens, temperature=1.0, generator=g).texts
-            for n, j in enumerate(chunk):
-                answers = texts[n * samples:(n + 1) * samples]
-                good = list(dict.fromkeys(a for a in answers if is_correct(a, records[j]["answer"])))
-                bad = list(dict.fromkeys(a for a in answers if not is_correct(a, records[j]["answer"])))
-                found += [(j, {"prompt": records[j]["prompt"], "chosen": c, "rejected": r}) for c, r in zip(good, bad)]
-    if dist.world > 1:
-        gathered = [None] * dist.world
-        torchdist.all_gather_object(gathered, found)
-        found = [p for part in gathered for p in part]
-    return [p for _, p in sorted(found, key=lambda x: x[0])]

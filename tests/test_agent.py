@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import agent
+import engine
 import forward
 import losses
-import model as M
+import hf_io
 from data import chat
 from helpers import ROOT, run_script, series, tiny_model_dir
 
@@ -154,7 +155,7 @@ def test_a_template_with_a_tools_variable_lays_out_the_schemas():
 
 
 def assemble(tok, conv, turns, results):
-    """A hand-built episode as agent.rollout assembles it: the prompt's rendering, each turn's ids
+    """A hand-built episode as engine.run_episodes assembles it: the prompt's rendering, each turn's ids
     as sampled (its text's ids and the stop token), the glue between them."""
     seq = agent.render(conv, tok, True)
     mask = [0] * len(seq)
@@ -227,14 +228,14 @@ def test_rollout_logps_equal_a_fresh_forward_and_each_token_is_fed_once(tiny):
     cache with holes, the fresh forward over compact rows: ~1e-6 apart, 1e-4 would catch a token
     shifted by one or a wrong position), and the model reads each token once (the cache is kept:
     a re-prefill of the history at each turn would read the prompt again)."""
-    net = M.from_pretrained(tiny).eval()
+    net = hf_io.from_pretrained(tiny).eval()
     tok = chat.load_tokenizer(tiny)
     tok.stop_ids = sorted(set(tok.stop_ids + [tok.tokenizer.token_to_id(c) for c in "0123456789"]))  # turns end early
     fed = []
     real_forward = net.forward
     net.forward = lambda ids, mask, **kw: fed.append(int(mask[:, -ids.shape[1]:].sum())) or real_forward(ids, mask, **kw)
     records = [{"prompt": f"What is {i}+{i}?", "turns": 1 + i % 3} for i in range(8)]
-    ep = agent.rollout(net, tok, records, Countdown, 12, 4, 1.0, generator=torch.Generator().manual_seed(0))
+    ep = engine.run_episodes(net, tok, records, Countdown, engine.Sampling(12), 4, torch.Generator().manual_seed(0))
     assert sorted(set(ep.turns)) == [1, 2, 3] and not all(ep.answered) and any(ep.answered)
     # each token read once, but an episode's very last token, unless others still sampled after it
     # (a re-prefill of the history would read every prompt, 30+ tokens, again)
@@ -243,14 +244,14 @@ def test_rollout_logps_equal_a_fresh_forward_and_each_token_is_fed_once(tiny):
     for s, m, p, conv in zip(ep.seqs, ep.mask, ep.prompt_len, ep.messages):
         assert s[:p] == agent.render(conv[:1], tok, True) and not any(m[:p])
     net.forward = real_forward
-    samples, logps = agent.to_samples(ep, tok.pad_id, "cpu")
+    samples = engine.episode_samples(ep, tok.pad_id, "cpu")
 
     class Dist:
         device, autocast_dtype, world = torch.device("cpu"), None, 1
     fresh = forward.completion_logps(net, samples, Dist, 256)
     assert samples.mask.sum() == sum(sum(m) for m in ep.mask)
-    assert ((fresh - logps) * samples.mask).abs().max() < 1e-4
-    assert (logps * (1 - samples.mask)).abs().max() == 0
+    assert ((fresh - samples.logps) * samples.mask).abs().max() < 1e-4
+    assert (samples.logps * (1 - samples.mask)).abs().max() == 0
 
 
 def test_gae_steps_over_the_holes_of_a_multi_turn_mask():

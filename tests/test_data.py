@@ -412,6 +412,20 @@ def test_prepare_hh_parses_dialogues(tmp_path):
         prepare_hh.convert({"chosen": rec["chosen"], "rejected": "\n\nHuman: other\n\nAssistant: no"})
 
 
+def test_prepare_hh_held_out_split_is_fixed_and_disjoint(tmp_path):
+    with open(tmp_path / "hh.jsonl", "w") as f:
+        for i in range(10):
+            rec = {"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes", "rejected": f"\n\nHuman: q{i}\n\nAssistant: no"}
+            f.write(json.dumps(rec) + "\n")
+    parts = []
+    for run in ("a", "b"):
+        prepare_hh.main(str(tmp_path / "hh.jsonl"), str(tmp_path / run), held_out=3)
+        parts.append([(tmp_path / run / f"{k}.jsonl").read_text().splitlines() for k in ("test", "train")])
+    (test, train), again = parts[0], parts[1]
+    assert len(test) == 3 and len(train) == 7 and again == [test, train]  # the same split every time
+    assert sorted(json.loads(x)["prompt"][0]["content"] for x in test + train) == sorted(f"q{i}" for i in range(10))
+
+
 def test_prepare_hh_on_real_data(tmp_path):
     src = os.path.join(SHARED, "hh-rlhf-harmless-base-test.jsonl.gz")
     if not os.path.exists(src):

@@ -1,13 +1,12 @@
 """train_ppo's one-optimizer-step-per-rollout path: the update's own forward supplies the old
 log-probs (train_ppo.old_logps_from_update) instead of a separate forward in advantages(). The
 step must equal the one with that forward, up to fp32 rounding of a second forward."""
-import copy
 
 import pytest
 import torch
 
 import common
-import forward
+import engine
 import model as M
 import train_ppo
 
@@ -28,7 +27,7 @@ def samples(n=8, P=5, L=4):
     seqs[:, :P] *= pmask
     cmask = torch.ones(n, L, dtype=torch.long)
     cmask[1::3, 2:] = 0  # some completions end early
-    return forward.Samples(seqs, torch.cat([pmask, cmask], 1), cmask.float(), P, [""] * n, cmask[:, -1].bool())
+    return engine.Samples(seqs, torch.cat([pmask, cmask], 1), cmask.float(), P, [""] * n, cmask[:, -1].bool())
 
 
 @pytest.mark.parametrize("beta,grad_accum", [(0.0, 1), (0.1, 2)])
@@ -44,19 +43,28 @@ def test_old_logps_from_the_update_equal_a_separate_forward(monkeypatch, beta, g
         monkeypatch.setattr(train_ppo, "old_logps_from_update", lambda *_: deferred)
         policy = tiny_policy(0)
         opt = common.make_optimizer(policy, cfg)
-        r = train_ppo.advantages(s, scores, scores, policy, ref, None, cfg, dist, False, "k3")
-        assert r.old_from_update == deferred
-        stats = train_ppo.update(r, policy, opt, ref, None, None, cfg, dist, 0, False, "k3")
-        results.append((r, stats, copy.deepcopy(policy.state_dict())))
-    (a, sa, pa), (b, sb, pb) = results
+        grads, step = {}, opt.step
+
+        def recording_step(*args, **kwargs):  # the gradients the optimizer steps on
+            grads.update({k: p.grad.clone() for k, p in policy.named_parameters()})
+            return step(*args, **kwargs)
+        opt.step = recording_step
+        rl = train_ppo.RL(cfg, dist, None, None, policy, opt, ref=ref)
+        r = train_ppo.advantages(rl, s, scores, scores)
+        assert (r.old_logps is None) == deferred and (r.ref_logps is None) == (ref is None)
+        stats, seen = train_ppo.update(rl, r, 0)
+        assert (seen is None) != deferred
+        old, entropy = (seen["logps"], seen["entropy"]) if deferred else (r.old_logps, r.entropy)
+        results.append((old, entropy, stats, grads))
+    (oa, ea, sa, ga), (ob, eb, sb, gb) = results
     m = s.mask.bool()
-    assert torch.allclose(a.old_logps[m], b.old_logps[m], atol=1e-5)
-    assert torch.allclose(a.entropy[m], b.entropy[m], atol=1e-5)
-    if beta == 0:
-        assert b.ref_logps is b.old_logps  # no reference: the same tensor, filled in too
+    assert torch.allclose(oa[m], ob[m], atol=1e-5) and torch.allclose(ea[m], eb[m], atol=1e-5)
     assert sa.keys() == sb.keys() and all(abs(sa[k] - sb[k]) < 1e-4 for k in sa)
-    assert all(torch.allclose(pa[k], pb[k], atol=1e-6) for k in pa)
-    assert any(not torch.equal(pa[k], tiny_policy(0).state_dict()[k]) for k in pa)  # the step did move the weights
+    # gradients, not the weights after AdamW: its first step is lr * sign(g), which turns the ~1e-7
+    # ratio noise of a separate forward on a near-zero gradient into a whole lr (flaky at 2 threads)
+    assert ga.keys() == {k for k, _ in tiny_policy(0).named_parameters()}
+    assert all((ga[k] - gb[k]).abs().max() <= 1e-5 * ga[k].abs().max() for k in ga)
+    assert sum(g.abs().sum() for g in ga.values()) > 0
 
 
 def test_deferred_only_with_one_optimizer_step_per_rollout():

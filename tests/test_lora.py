@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import config
 import lora
+import hf_io
 import model as M
 import train_rm
 from helpers import run_script, series, tiny_model_dir
@@ -40,7 +41,7 @@ def randomize_adapters(model, seed=0):
 def test_forward_and_exports_match_peft(family, targets, rslora, tmp_path):
     hf = hf_tiny(family)
     hf.save_pretrained(tmp_path / "base")
-    ours = lora.apply_lora(M.from_pretrained(tmp_path / "base"), r=4, alpha=8, targets=targets, rslora=rslora)
+    ours = lora.apply_lora(hf_io.from_pretrained(tmp_path / "base"), r=4, alpha=8, targets=targets, rslora=rslora)
     randomize_adapters(ours)
     trainable = {n: p.detach() for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -62,7 +63,7 @@ def test_forward_and_exports_match_peft(family, targets, rslora, tmp_path):
         assert (got - off)[real].abs().max() > 1e-2  # the adapters matter
         assert (got - ref)[real].abs().max() <= 1e-5
         # merged: the same logits, saved as a plain HF directory that transformers loads
-        M.save_pretrained(lora.merge_(ours), tmp_path / "merged")
+        hf_io.save_pretrained(lora.merge_(ours), tmp_path / "merged")
         assert not lora.lora_layers(ours)
         merged = ours(ids, mask, pos)
         assert (merged - got)[real].abs().max() <= 1e-5

@@ -9,7 +9,10 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import engine
+import hf_io
 import model as M
 
 transformers = pytest.importorskip("transformers")
@@ -70,7 +73,7 @@ def pair(request, tmp_path_factory):
 
 def test_logits_match_transformers(pair):
     family, hf, d = pair
-    ours = M.from_pretrained(d)
+    ours = hf_io.from_pretrained(d)
     ids, mask, pos = batch()
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask, position_ids=pos).logits
@@ -85,18 +88,18 @@ def test_logits_match_transformers(pair):
 
 def test_transformers_loads_what_we_save(pair, tmp_path):
     family, hf, d = pair
-    ours = M.from_pretrained(d)
+    ours = hf_io.from_pretrained(d)
     with torch.no_grad():  # perturb so we know the saved weights are ours, not a copy of the files
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    out = M.save_pretrained(ours, tmp_path / "saved", max_shard_bytes=40_000)  # forces several shards
+    out = hf_io.save_pretrained(ours, tmp_path / "saved", max_shard_bytes=40_000)  # forces several shards
     assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids, mask, pos = batch()
     with torch.no_grad():
         a, b = ours(ids, mask, pos), reloaded(ids, attention_mask=mask, position_ids=pos).logits
     assert (a - b)[mask.bool()].abs().max() < 1e-4
-    again = M.from_pretrained(out)
+    again = hf_io.from_pretrained(out)
     for (k, p), (k2, q) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(p, q), k
 
@@ -105,9 +108,9 @@ def test_transformers_loads_what_we_save(pair, tmp_path):
 def test_score_head_matches_sequence_classification(family, tmp_path):
     hf = hf_tiny(family)
     hf.save_pretrained(tmp_path / "lm")
-    rm = M.from_pretrained(tmp_path / "lm", head="score", seed=3)  # fresh score head on a causal LM
+    rm = hf_io.from_pretrained(tmp_path / "lm", head="score", seed=3)  # fresh score head on a causal LM
     assert rm.score.weight.abs().sum() > 0
-    M.save_pretrained(rm, tmp_path / "rm")
+    hf_io.save_pretrained(rm, tmp_path / "rm")
     cfg = json.load(open(tmp_path / "rm" / "config.json"))
     assert cfg["architectures"][0].endswith("ForSequenceClassification") and cfg["num_labels"] == 1
     hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32).eval()
@@ -123,13 +126,13 @@ def test_score_head_matches_sequence_classification(family, tmp_path):
     got = scores[torch.arange(3), last]
     assert (got - ref).abs().max() < 1e-4
     assert ref.std() > 1e-3
-    back = M.from_pretrained(tmp_path / "rm", head="score")
+    back = hf_io.from_pretrained(tmp_path / "rm", head="score")
     assert torch.equal(back.score.weight, rm.score.weight)
 
 
 def test_kv_cache_decode_equals_full_forward(pair):
     family, hf, d = pair
-    ours = M.from_pretrained(d)
+    ours = hf_io.from_pretrained(d)
     ids, mask, pos = batch(T=12)
     with torch.no_grad():
         full = ours(ids, mask, pos)
@@ -148,7 +151,7 @@ def test_prefill_skipping_padding_equals_padded(pair):
     """generate's prefill runs the layers on the real positions only (`skip_padding`): the same
     logits there and the same KV cache entries as the padded forward, whose padding keys are masked."""
     family, hf, d = pair
-    ours = M.from_pretrained(d)
+    ours = hf_io.from_pretrained(d)
     cfg, (ids, mask, _) = ours.cfg, batch()
     caches = [[tuple(torch.zeros(3, cfg.num_kv_heads, 11, cfg.head_dim) for _ in "kv") for _ in range(cfg.num_layers)]
               for _ in range(2)]
@@ -165,7 +168,7 @@ def test_prefill_skipping_padding_equals_padded(pair):
 
 def test_left_padding_does_not_change_outputs(pair):
     family, hf, d = pair
-    ours = M.from_pretrained(d)
+    ours = hf_io.from_pretrained(d)
     ids, mask, pos = batch()
     with torch.no_grad():
         padded = ours(ids, mask)  # position_ids derived from the mask
@@ -196,10 +199,10 @@ def test_packed_documents_do_not_attend_to_each_other():
 def test_greedy_generate_matches_transformers(family, tmp_path):
     hf = hf_tiny(family)
     hf.save_pretrained(tmp_path)
-    ours = M.from_pretrained(tmp_path)
+    ours = hf_io.from_pretrained(tmp_path)
     ids, mask, _ = batch(T=6)
     eos = 5
-    toks, cmask = M.generate(ours, ids, mask, max_new_tokens=10, temperature=0, eos_ids=[eos], pad_id=0)
+    toks, cmask, _ = engine.generate_ids(ours, ids, mask, engine.Sampling(10, temperature=0), [eos], 0)
     with torch.no_grad():
         ref = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos,
                           pad_token_id=0)
@@ -218,21 +221,21 @@ def test_generate_left_padding_invariant():
     m = M.Transformer(cfg)
     m.init_weights(std=0.2, seed=0)
     ids, mask, _ = batch(T=7)
-    toks, cm = M.generate(m, ids, mask, max_new_tokens=8, temperature=0)
+    toks, cm, _ = engine.generate_ids(m, ids, mask, engine.Sampling(8, temperature=0))
     for b in range(3):
         n = int(mask[b].sum())
-        alone, _ = M.generate(m, ids[b:b + 1, -n:], max_new_tokens=8, temperature=0)
+        alone, _, _ = engine.generate_ids(m, ids[b:b + 1, -n:], torch.ones(1, n, dtype=torch.long), engine.Sampling(8, 0))
         assert torch.equal(alone[0, n:], toks[b, 7:])
 
 
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    assert set(M.sample(logits, 1.0, top_k=2, generator=g).tolist()) == {2, 3}
+    assert set(engine.sample(logits, 1.0, top_k=2, generator=g)[0].tolist()) == {2, 3}
     # probs ~ [.03, .09, .24, .64]: top_p 0.7 keeps {3, 2}; top_p 0.5 keeps only {3}
-    assert set(M.sample(logits, 1.0, top_p=0.7, generator=g).tolist()) == {2, 3}
-    assert set(M.sample(logits, 1.0, top_p=0.5, generator=g).tolist()) == {3}
-    freq = (M.sample(logits, 1.0, generator=g) == 3).float().mean()
+    assert set(engine.sample(logits, 1.0, top_p=0.7, generator=g)[0].tolist()) == {2, 3}
+    assert set(engine.sample(logits, 1.0, top_p=0.5, generator=g)[0].tolist()) == {3}
+    freq = (engine.sample(logits, 1.0, generator=g)[0] == 3).float().mean()
     assert abs(freq - torch.softmax(logits[0], -1)[3]) < 0.04
 
 
@@ -251,7 +254,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         os.link(tmp_path / "ok" / f, tmp_path / "wrong" / f) if f != "config.json" else None
     json.dump(dict(cfg, intermediate_size=80), open(tmp_path / "wrong" / "config.json", "w"))
     with pytest.raises(ValueError, match="mlp.up_proj.weight"):
-        M.from_pretrained(tmp_path / "wrong")
+        hf_io.from_pretrained(tmp_path / "wrong")
 
 
 def test_atomic_save_keeps_old_checkpoint_on_failure(tmp_path):
@@ -259,10 +262,10 @@ def test_atomic_save_keeps_old_checkpoint_on_failure(tmp_path):
                         num_kv_heads=4, head_dim=8, hf={"model_type": "llama"})
     m = M.Transformer(cfg)
     m.init_weights(seed=0)
-    out = M.save_pretrained(m, tmp_path / "ck")
+    out = hf_io.save_pretrained(m, tmp_path / "ck")
     before = sorted(os.listdir(out))
     with pytest.raises(Exception):
-        M.save_pretrained(m, tmp_path / "ck", state_dict={"model.norm.weight": object()})
+        hf_io.save_pretrained(m, tmp_path / "ck", state_dict={"model.norm.weight": object()})
     assert sorted(os.listdir(out)) == before
     assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []
 
@@ -282,17 +285,48 @@ def test_read_tensor_slices_dtypes_and_shard_rows(tmp_path, monkeypatch):
     w = torch.randn(7, 5).to(torch.bfloat16)
     save_file({"w": w, "ids": torch.arange(6), "n": torch.ones(3, dtype=torch.float16)}, tmp_path / "m.safetensors")
     f = str(tmp_path / "m.safetensors")
-    monkeypatch.setattr(M, "READ_BYTES", 2 * 5 * 2)
-    got = M.read_tensor(f, "w", dtype=torch.float32)
+    monkeypatch.setattr(hf_io, "READ_BYTES", 2 * 5 * 2)
+    got = hf_io.read_tensor(f, "w", dtype=torch.float32)
     assert got.dtype == torch.float32 and torch.equal(got, w.float())
-    assert torch.equal(M.read_tensor(f, "w"), w)
-    ids = M.read_tensor(f, "ids", dtype=torch.float32)  # integers keep their dtype
+    assert torch.equal(hf_io.read_tensor(f, "w"), w)
+    ids = hf_io.read_tensor(f, "ids", dtype=torch.float32)  # integers keep their dtype
     assert ids.dtype == torch.int64 and torch.equal(ids, torch.arange(6))
-    assert M.read_tensor(f, "n", dtype=torch.float32).dtype == torch.float32
+    assert hf_io.read_tensor(f, "n", dtype=torch.float32).dtype == torch.float32
     for world in (2, 3, 8):
         for rank, rows in enumerate(torch.chunk(torch.arange(7), world)):
-            t = M.read_tensor(f, "w", dtype=torch.float32, shard=(rank, world))
+            t = hf_io.read_tensor(f, "w", dtype=torch.float32, shard=(rank, world))
             assert torch.equal(t[rows], w.float()[rows])  # the rest is left as allocated
     with pytest.raises(ValueError, match="bad.safetensors: not a readable safetensors file"):
         (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
-        M.read_tensor(str(tmp_path / "bad.safetensors"), "w")
+        hf_io.read_tensor(str(tmp_path / "bad.safetensors"), "w")
+
+
+@pytest.mark.parametrize("T,S", [(1, 9), (3, 9), (7, 7)])
+def test_every_attention_path_computes_the_same_attention(T, S):
+    """model.attend's CUDA paths for a mask with GQA (query groups folded into the query axis;
+    K/V expanded) against SDPA's own enable_gqa, on the CPU, values and gradients (fp64)."""
+    g = torch.Generator().manual_seed(0)
+    B, H, KV, hd = 2, 6, 2, 8
+    q = torch.randn(B, H, T, hd, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, KV, S, hd, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, KV, S, hd, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = M.attention_bias(torch.tensor([[0, 0] + [1] * (S - 2), [1] * (S - 4) + [2] * 4]), T)
+    out = {}
+    for path in ("native", "fold", "expand"):
+        y = M.attend(q, k, v, mask, path)
+        grads = torch.autograd.grad((y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape).sin()).sum(), (q, k, v))
+        out[path] = (y, grads)
+    for path in ("fold", "expand"):
+        assert torch.allclose(out[path][0], out["native"][0], atol=1e-12)
+        assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(out[path][1], out["native"][1]))
+    # a head that read the wrong KV head would differ: repeat (not interleave) the KV heads to see it
+    wrong = F.scaled_dot_product_attention(q, k.repeat(1, H // KV, 1, 1), v.repeat(1, H // KV, 1, 1), attn_mask=mask)
+    assert not torch.allclose(wrong, out["native"][0])
+
+
+def test_attention_paths_on_cuda_are_fold_for_decode_and_expand_for_longer_calls():
+    q = torch.empty(1, 4, 1, 8, device="meta")
+    assert M.gqa_masked_path(q, 1) == "native"  # not CUDA: the CPU kernels take a mask with GQA
+    cuda_q = type("Q", (), {"device": torch.device("cuda", 0)})()
+    assert M.gqa_masked_path(cuda_q, 1) == "fold" and M.gqa_masked_path(cuda_q, M.FOLD_MAX_T) == "fold"
+    assert M.gqa_masked_path(cuda_q, M.FOLD_MAX_T + 1) == "expand"

@@ -12,6 +12,7 @@ import checkpoint
 import common
 import config
 import lora
+import hf_io
 import model as M
 import nf4
 from helpers import run_script, tiny_model_dir
@@ -26,7 +27,7 @@ def base(tmp_path_factory):
 def reference_qlora(base, double_quant, dense):
     """The non-streamed path: whole model, quantized, adapters (B = 0.01); with dense=True each NF4
     layer is replaced by an nn.Linear holding its dequantized weight (plain LoRA on those)."""
-    m = nf4.quantize_model(M.from_pretrained(base), double_quant=double_quant)
+    m = nf4.quantize_model(hf_io.from_pretrained(base), double_quant=double_quant)
     if dense:
         for name, mod in list(m.named_modules()):
             if isinstance(mod, nf4.NF4Linear):
@@ -69,7 +70,7 @@ def test_streamed_load_and_save_two_processes(base, tmp_path):
     r2 = json.load(open(tmp_path / "o2" / "result_2.json"))
     ids = torch.randint(1, 30, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        plain = M.from_pretrained(base)
+        plain = hf_io.from_pretrained(base)
         want = plain(ids)
         ref = reference_qlora(base, double_quant, dense=False)
         want_q = ref(ids)
@@ -125,13 +126,13 @@ def test_frozen_embedding_keeps_a_bf16_checkpoints_dtype(tmp_path, tied):
     bf16: half its memory, and the same logits as the fp32 model (the values are the same, upcast
     in forward). Not when it is also the LM head (the head's matmul runs in fp32). The merged export
     is in one dtype."""
-    m = M.from_pretrained(tiny_model_dir(str(tmp_path / "fp32")))
+    m = hf_io.from_pretrained(tiny_model_dir(str(tmp_path / "fp32")))
     m.cfg.tie_word_embeddings = tied
     m.cfg.hf = dict(m.cfg.hf, tie_word_embeddings=tied)
     if not tied:
         m.lm_head.weight = torch.nn.Parameter(torch.randn(m.lm_head.weight.shape))
-    path = M.save_pretrained(m.to(torch.bfloat16), tmp_path / "bf16")
-    want = M.from_pretrained(path)  # fp32 throughout
+    path = hf_io.save_pretrained(m.to(torch.bfloat16), tmp_path / "bf16")
+    want = hf_io.from_pretrained(path)  # fp32 throughout
     ids = torch.randint(1, 30, (2, 9), generator=torch.Generator().manual_seed(0))
     cfg = config.TrainConfig(dtype="fp32", out=str(tmp_path / "o"), quantize="", lora_r=4)
     d = common.setup(cfg)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import config
-import model as M
+import hf_io
 import train_dpo
 import train_ppo
 import train_sft
@@ -81,7 +81,7 @@ def test_rl_on_other_data_needs_a_reward(tmp_path, tiny, monkeypatch, capsys):
 def test_saved_files_follow_the_umask(tmp_path, tiny, umask):
     old = os.umask(umask)
     try:
-        path = M.save_pretrained(M.from_pretrained(tiny), tmp_path / "saved", tokenizer_dir=tiny)
+        path = hf_io.save_pretrained(hf_io.from_pretrained(tiny), tmp_path / "saved", tokenizer_dir=tiny)
     finally:
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask
@@ -118,7 +118,7 @@ def test_the_model_card_parses_and_transformers_loads_the_directory(tmp_path, ti
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = torch.tensor([[5, 6, 7, 8]])
-    assert torch.allclose(hf(ids).logits, M.from_pretrained(out)(ids), atol=1e-5)
+    assert torch.allclose(hf(ids).logits, hf_io.from_pretrained(out)(ids), atol=1e-5)
 
 
 @pytest.mark.slow

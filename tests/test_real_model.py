@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import lora
-import model as M
+import engine
+import hf_io
 import nf4
 import real_model
 from data import chat
@@ -54,7 +55,7 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def ours(model_dir):
-    return M.from_pretrained(model_dir).eval()
+    return hf_io.from_pretrained(model_dir).eval()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_greedy_generation_matches_transformers(ours, hf, tok):
     prompts = [[U1], poem, "List three fruits."]  # a message list, with a system message, a plain string
     ids, mask = pad([chat.tokenize_prompt({"prompt": p}, tok, 10**6) for p in prompts], tok.pad_id, left=True)
     P = ids.shape[1]
-    toks, cmask = M.generate(ours, ids, mask, max_new_tokens=64, temperature=0, eos_ids=tok.stop_ids, pad_id=tok.pad_id)
+    toks, cmask, _ = engine.generate_ids(ours, ids, mask, engine.Sampling(64, temperature=0), tok.stop_ids, tok.pad_id)
     with torch.no_grad():
         ref = hf.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, eos_token_id=tok.stop_ids,
                           pad_token_id=tok.pad_id)

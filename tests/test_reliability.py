@@ -12,6 +12,7 @@ import torch
 import checkpoint
 import common
 import config
+import hf_io
 import model as M
 import train_ppo
 import train_sft
@@ -78,7 +79,7 @@ def test_runs_never_mix(here, capsys):
 # ----------------------------------------------------------------------------- 2. NaN never lands
 
 def load_weights(ckpt, tdir):
-    model = M.Transformer(M.read_config(tdir))
+    model = M.Transformer(hf_io.read_config(tdir))
     model.init_weights(seed=1)
     opt = common.make_optimizer(model, config.TrainConfig())
     checkpoint.load_checkpoint(ckpt, common.Dist(0, 1, torch.device("cpu"), None), {"model": (model, opt)})
@@ -110,7 +111,7 @@ def test_ppo_nan_stops_before_the_optimizer_step(here, flag, quantity):
 
 
 def test_never_saves_nonfinite_weights(here):
-    model = M.Transformer(M.read_config(task.TASK_DIR))
+    model = M.Transformer(hf_io.read_config(task.TASK_DIR))
     model.init_weights(seed=0)
     with torch.no_grad():
         model.model.norm.weight[3] = float("inf")
@@ -150,7 +151,7 @@ def test_model_and_tokenizer_errors_name_the_file(here):
     d = tiny_model_dir(str(here / "m"))
     (here / "m" / "config.json").write_text('{"model_type": "llama",')
     with pytest.raises(ValueError, match=r"m/config.json: invalid JSON"):
-        M.from_pretrained(d)
+        hf_io.from_pretrained(d)
     (here / "m" / "tokenizer.json").write_text("{")
     with pytest.raises(ValueError, match=r"m/tokenizer.json: not a valid tokenizer.json"):
         chat.load_tokenizer(d)
@@ -161,7 +162,7 @@ def test_model_and_tokenizer_errors_name_the_file(here):
     st = here / "m2" / "model.safetensors"
     st.write_bytes(st.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"m2/model.safetensors: not a readable safetensors file"):
-        M.from_pretrained(d)
+        hf_io.from_pretrained(d)
     assert not (here / "o").exists()
 
 
@@ -245,12 +246,11 @@ def test_help_shows_defaults_and_descriptions(script, capsys):
         config.parse_config(cls, ["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(in [1, inf); default: " in text
-    comments = config._field_comments(cls)
     for f in __import__("dataclasses").fields(cls):  # every flag has a description and shows its default
         if f.name in cls.NOT_USED:  # refused by this script's parser, so not listed
             assert f"--{f.name.replace('_', '-')} " not in text, f.name
             continue
-        assert comments.get(f.name), f"{script}: --{f.name.replace('_', '-')} has no comment"
+        assert f.metadata.get("help"), f"{script}: --{f.name.replace('_', '-')} has no help"
         assert f"default: {getattr(cls, f.name)!r}" in text or isinstance(f.default, bool), f.name
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import engine
 import forward
 import model as M
 import train_ppo
@@ -31,7 +32,7 @@ def grouped(B=4, G=4, P=6, L=5):
     cmask = (torch.arange(L)[None] < torch.tensor([L, 2, L, 1] * B)[:B * G, None]).long()
     seqs[:, P:] *= cmask
     attn = torch.cat([pmask.repeat_interleave(G, 0), cmask], 1)
-    return forward.Samples(seqs, attn, cmask.float(), P, [""] * (B * G), cmask[:, -1].bool())
+    return engine.Samples(seqs, attn, cmask.float(), P, [""] * (B * G), cmask[:, -1].bool())
 
 
 @pytest.mark.parametrize("arch", [{}, {"qk_norm": True, "qkv_bias": True}, {"gpt2": True, "o_bias": True, "mlp_bias": True}],
@@ -61,7 +62,7 @@ def test_generation_prefills_each_prompt_once_with_the_same_samples():
         calls = []
         hook = net.model.embed_tokens.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
         with torch.no_grad():
-            out = M.generate(net, ids, attn, 6, temperature=1.0, generator=torch.Generator().manual_seed(3), group=group)
+            out = engine.generate_ids(net, ids, attn, engine.Sampling(6), generator=torch.Generator().manual_seed(3), group=group)
         hook.remove()
         runs.append((out, calls[0]))
     (a, prefill_rows), (b, shared_rows) = runs
@@ -70,8 +71,8 @@ def test_generation_prefills_each_prompt_once_with_the_same_samples():
     assert not torch.equal(a[0][0::4], a[0][1::4])  # the group's rows sampled different completions
     perm = torch.tensor([1, 0] + list(range(2, 12)))  # rows not in runs: the plain prefill
     with torch.no_grad():
-        c = M.generate(net, ids[perm], attn[perm], 6, generator=torch.Generator().manual_seed(3), group=4)
-        d = M.generate(net, ids[perm], attn[perm], 6, generator=torch.Generator().manual_seed(3))
+        c = engine.generate_ids(net, ids[perm], attn[perm], engine.Sampling(6), generator=torch.Generator().manual_seed(3), group=4)
+        d = engine.generate_ids(net, ids[perm], attn[perm], engine.Sampling(6), generator=torch.Generator().manual_seed(3))
     assert torch.equal(c[0], d[0])
 
 
@@ -119,13 +120,14 @@ def test_one_grpo_step_is_the_same_with_and_without_sharing(beta, grad_accum):
             grads.update({k: p.grad.clone() for k, p in policy.named_parameters()})
             return step(*args, **kwargs)
         opt.step = recording_step
-        r = train_ppo.advantages(s, scores, scores, policy, ref, None, cfg, DIST, False, "k3")
-        stats = train_ppo.update(r, policy, opt, ref, None, None, cfg, DIST, 0, False, "k3")
-        results.append((r, stats, grads))
-    (a, sa, ga), (b, sb, gb) = results
+        rl = train_ppo.RL(cfg, DIST, None, None, policy, opt, ref=ref)
+        r = train_ppo.advantages(rl, s, scores, scores)
+        stats, seen = train_ppo.update(rl, r, 0)  # one optimizer step: the update's forward gives the old log-probs
+        results.append((seen["logps"], r.ref_logps, stats, grads))
+    (a, ra, sa, ga), (b, rb, sb, gb) = results
     m = s.mask.bool()
-    assert torch.allclose(a.old_logps[m], b.old_logps[m], atol=1e-6)
-    assert torch.allclose(a.ref_logps[m], b.ref_logps[m], atol=1e-6)
+    assert torch.allclose(a[m], b[m], atol=1e-6)
+    assert (ra is None and rb is None) if not beta else torch.allclose(ra[m], rb[m], atol=1e-6)
     assert sa.keys() == sb.keys() and all(abs(sa[k] - sb[k]) < 1e-5 for k in sa)
     assert ga.keys() == {k for k, _ in tiny(0).named_parameters()}  # one optimizer step, every parameter
     assert all((ga[k] - gb[k]).abs().max() <= 1e-5 * ga[k].abs().max() for k in ga)

@@ -8,7 +8,7 @@ import torch
 
 import config
 import losses
-import model as M
+import hf_io
 import train_distill
 from data import batching, chat, formats
 from helpers import run_script, series, tiny_model_dir
@@ -44,8 +44,8 @@ def test_loss_is_generalized_jsd_of_the_two_models(setup, tmp_path):
     idx = batching.batch_indices(len(rows), 8, 0, 0)
     b = batching.collate_sft([rows[i] for i in idx], tok.pad_id)
     with torch.no_grad():
-        s = M.from_pretrained(setup["student"])(b["input_ids"])
-        t = M.from_pretrained(setup["teacher"])(b["input_ids"])
+        s = hf_io.from_pretrained(setup["student"])(b["input_ids"])
+        t = hf_io.from_pretrained(setup["teacher"])(b["input_ids"])
     m = b["loss_mask"]
     want = (losses.generalized_jsd(s, t, 0.3, 2.0) * m).sum() / m.sum()
     assert abs(loss[1] - want.item()) < 1e-5, (loss[1], want)  # fp32, chunked vs full logits
@@ -57,7 +57,7 @@ def test_on_policy_and_smaller_student(setup, tmp_path):
     train_distill.main(config.parse_config(train_distill.DistillConfig,
                                            args(setup, out, "--lmbda", "1", "--beta", "1", "--student-layers", "1")))
     assert [m["on_policy"] for m in map(json.loads, open(out / "metrics.jsonl"))] == [1.0] * 3
-    saved = M.from_pretrained(out / "model")
+    saved = hf_io.from_pretrained(out / "model")
     assert saved.cfg.num_layers == 1 and json.load(open(out / "model" / "config.json"))["num_hidden_layers"] == 1
 
 

@@ -14,7 +14,7 @@ import common
 import config
 import forward
 import losses
-import model as M
+import hf_io
 import train_dpo
 from helpers import preference_setup, run_script, series
 
@@ -68,7 +68,7 @@ def test_shared_prompt_rows_equal_two_rows(setup):
     """collate_preference_shared (prompt once, rejected masked from chosen) gives the two-row
     layout's log-probs and gradients: same math, fp32 summation noise only."""
     from data import batching
-    m = M.from_pretrained(setup["model"])
+    m = hf_io.from_pretrained(setup["model"])
     d = common.Dist(0, 1, torch.device("cpu"), None)
     ex = [{"prompt_ids": [1, 5, 6, 7], "chosen_ids": [8, 9, 2], "rejected_ids": [10, 2]},
           {"prompt_ids": [1, 5], "chosen_ids": [11, 2], "rejected_ids": [12, 13, 14, 15, 2]},

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import losses
-import model as M
+import hf_io
 from helpers import ROOT, run_script, series, tiny_model_dir
 
 SMALL = ["--max-steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--minibatches", "2",
@@ -47,8 +47,8 @@ def test_grpo_with_reward_fn_matches_losses(tiny, tmp_path):
 @pytest.mark.slow
 def test_ppo_with_reward_model_matches_gae(tiny, tmp_path):
     policy, d = tiny
-    rm = M.from_pretrained(policy, head="score", seed=1)
-    M.save_pretrained(rm, tmp_path / "rm", tokenizer_dir=policy)
+    rm = hf_io.from_pretrained(policy, head="score", seed=1)
+    hf_io.save_pretrained(rm, tmp_path / "rm", tokenizer_dir=policy)
     rec = tmp_path / "rollout.pt"
     run_script("train_ppo.py", ["--model", policy, "--out", "o", "--algo", "ppo", "--reward-model", tmp_path / "rm",
                                 "--beta", "0.05", "--record-rollout", rec] + SMALL, tmp_path)
@@ -126,7 +126,7 @@ def test_logps_are_those_of_the_sampling_distribution(tiny, tmp_path):
     seqs, mask, P = r["seqs"], r["mask"], r["prompt_len"]
     attn = torch.cat([(seqs[:, :P] != 0).long(), mask.long()], 1)
     with torch.no_grad():
-        logits = M.from_pretrained(policy)(seqs, attn)[:, P - 1:-1] / 0.5
+        logits = hf_io.from_pretrained(policy)(seqs, attn)[:, P - 1:-1] / 0.5
     want = torch.log_softmax(logits, -1).gather(-1, seqs[:, P:, None]).squeeze(-1)
     assert (((r["old_logps"] - want) * mask).abs().max() < 1e-5) and torch.equal(r["ref_logps"], r["old_logps"])
 
@@ -188,7 +188,7 @@ def test_online_dpo_objective_picks_chosen_and_skips_ties():
     # pair 0: chosen row 0 (-1.5, ref -2), rejected row 1 (-3, ref -1): m = 0.5 + 2 = 2.5
     # pair 1: chosen row 3 (-0.5, ref -1), rejected row 2 (-2, ref -1): m = 0.5 + 1 = 1.5
     want = -(torch.nn.functional.logsigmoid(torch.tensor(0.5 * 2.5)) + torch.nn.functional.logsigmoid(torch.tensor(0.75))) / 2
-    assert abs(loss.item() - want.item()) < 1e-6 and st["pairs"] == 2.0 and st["rewards/accuracies"] == 1.0
+    assert abs(loss.item() - want.item()) < 1e-6 and st["pairs"] == 2.0 and st["rewards/accuracies"] == (1.0, 2)
     loss.backward()
     g = logps.grad[:, 0]
     assert g[0] < 0 < g[1] and g[3] < 0 < g[2] and g[4] == g[5] == 0  # chosen up, rejected down, ties untouched

@@ -6,7 +6,7 @@ import torch
 
 
 import config
-import model as M
+import hf_io
 import train_rm
 from helpers import preference_setup, series
 
@@ -25,7 +25,7 @@ def test_reward_model_matches_transformers(setup, tmp_path):
     assert series(tmp_path / "rm", "eval/accuracy")[20] > 0.8
     d = tmp_path / "rm" / "model"
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval()
-    ours = M.from_pretrained(d, head="score")
+    ours = hf_io.from_pretrained(d, head="score")
     ids = torch.randint(5, 90, (3, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     ids[1, 7:], mask[1, 7:] = 0, 0  # right padding with the pad id (0)

@@ -144,12 +144,12 @@ def test_malformed_jsonl_names_line_and_writes_nothing(tmp_path):
 @pytest.mark.slow
 def test_saved_model_loads_in_transformers(single):
     transformers = pytest.importorskip("transformers")
-    import model as M
+    import hf_io
 
     d = str(single / "o" / "model")
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(d)
-    ours = M.from_pretrained(d)
+    ours = hf_io.from_pretrained(d)
     ids = torch.tensor([tok("What is 12+34?")["input_ids"]])
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4

@@ -2,6 +2,7 @@
 traceback) and writes nothing; a missing prerequisite names the command that makes it (no script
 runs another); --resume may change the optimisation settings and says so, but refuses a change of
 what the run is; every shared flag is honoured (train_distill.py with QLoRA) or refused."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import torch
 import common
 
 import config
-import model as M
+import hf_io
 import train_distill
 import train_dpo
 import train_ppo
@@ -111,6 +112,29 @@ def test_help_shows_the_allowed_values(capsys):
     assert "--batch-size" not in text  # refused by PPO's parser, so not offered
 
 
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_every_flag_declares_its_help(name):
+    classes = [v for v in vars(SCRIPTS[name]).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+               and issubclass(v, config.TrainConfig) and v is not config.TrainConfig]
+    assert classes, name
+    for cls in classes:
+        missing = [config.flag(f.name) for f in dataclasses.fields(cls) if not f.metadata.get("help", "").strip()]
+        assert not missing, f"{cls.__name__}: no help for {', '.join(missing)} (declare it: config.arg(default, help))"
+
+
+@pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
+def test_a_pretrained_model_names_the_defaults_it_gets_in_one_line(tmp_path, monkeypatch, capsys, rank, lines):
+    with open(tmp_path / "config.json", "w") as f:  # a vocabulary other than the task's: a pretrained model
+        json.dump({"model_type": "llama", "vocab_size": 49152, "max_position_embeddings": 4096}, f)
+    monkeypatch.setenv("RANK", rank)
+    config.parse_config(train_dpo.DPOConfig, ["--model", str(tmp_path), "--beta", "0.2"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == lines, out  # rank 0 only
+    applied = {k: v for k, v in train_dpo.DPOConfig.REAL_MODEL.items() if k != "beta"}  # a flag given wins
+    for line in out:
+        assert all(f"{config.flag(k)} {v}" in line for k, v in applied.items()) and "--beta" not in line, line
+
+
 @pytest.mark.slow
 def test_resume_may_change_the_lr_and_refuses_what_defines_the_run(files, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -150,7 +174,7 @@ def test_distill_takes_qlora_and_exports_like_the_others(files, tmp_path, monkey
     assert adapter["r"] == 8 and adapter["base_model_name_or_path"] == files["model"]
     import transformers
     merged = transformers.AutoModelForCausalLM.from_pretrained("o/model")
-    base = M.from_pretrained(files["model"])
+    base = hf_io.from_pretrained(files["model"])
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert not torch.allclose(merged(ids).logits, base(ids), atol=1e-4)  # the adapters learned something

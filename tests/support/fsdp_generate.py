@@ -10,18 +10,19 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import common  # noqa: E402
 import config  # noqa: E402
-import model as M  # noqa: E402
+import engine  # noqa: E402
+import hf_io  # noqa: E402
 from data import batching, chat  # noqa: E402
 
 path, out = sys.argv[1], sys.argv[2]
 d = common.setup(config.TrainConfig(dtype="fp32"))
 tok = chat.load_tokenizer(path)
-m = common.shard(M.from_pretrained(path), d, train=False)
+m = common.shard(hf_io.from_pretrained(path), d, train=False)
 prompts = [chat.tokenize_prompt({"prompt": f"What is {a}+{b}?"}, tok, 64) for a, b in [(1, 2), (34, 56), (7, 89), (90, 9)]]
 mine = prompts[d.rank::d.world]
 ids, mask = batching.collate_prompts(mine + ([prompts[0]] if d.rank == 1 else []), tok.pad_id)  # ranks differ in batch and length
 with common.unsharded(m):
-    toks, cm = M.generate(m, ids, mask, 12, temperature=0, eos_ids=tok.stop_ids, pad_id=tok.pad_id)
+    toks, cm, _ = engine.generate_ids(m, ids, mask, engine.Sampling(12, temperature=0), tok.stop_ids, tok.pad_id)
 res = [(t[ids.shape[1]:].tolist(), c.tolist()) for t, c in zip(toks, cm)][:len(mine)]
 if d.world > 1:
     parts = [None] * d.world

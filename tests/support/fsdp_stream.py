@@ -13,10 +13,10 @@ import checkpoint  # noqa: E402
 import common  # noqa: E402
 import config  # noqa: E402
 import lora  # noqa: E402
-import model as M  # noqa: E402
+import hf_io  # noqa: E402
 
 path, out, double_quant = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-M.READ_BYTES = 300  # every matrix read in many row slices, as a big checkpoint's are
+hf_io.READ_BYTES = 300  # every matrix read in many row slices, as a big checkpoint's are
 cfg = config.TrainConfig(dtype="fp32", out=out)
 d = common.setup(cfg)
 ids = torch.randint(1, 30, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -42,7 +42,7 @@ with torch.no_grad():
 checkpoint.save_final(q, qcfg, d, None, path)
 chunks = checkpoint.hf_state_chunks(q, d)  # again, into small shard files
 if d.main:
-    M.save_pretrained(q, os.path.join(out, "sharded"), state_dict=chunks, max_shard_bytes=200_000)
+    hf_io.save_pretrained(q, os.path.join(out, "sharded"), state_dict=chunks, max_shard_bytes=200_000)
 for _ in chunks:
     pass
 if d.main:

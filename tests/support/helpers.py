@@ -33,16 +33,17 @@ def series(out, key):
 
 def tiny_model_dir(path, seed=0, layers=2):
     """A random-init model with the built-in task's tokenizer and chat format, saved as HF."""
+    import hf_io
     import model as M
     from data import task
 
     tdir = task.ensure_task(os.path.join(os.path.dirname(path), "task"))
-    cfg = M.read_config(tdir)
+    cfg = hf_io.read_config(tdir)
     cfg.num_layers = layers
     cfg.hf = dict(cfg.hf, num_hidden_layers=layers)
     m = M.Transformer(cfg)
     m.init_weights(seed=seed)
-    return M.save_pretrained(m, path, tokenizer_dir=tdir)
+    return hf_io.save_pretrained(m, path, tokenizer_dir=tdir)
 
 
 def write_pairs(path, n, seed):

@@ -52,8 +52,8 @@ g = torch.Generator().manual_seed(d.rank)
 for step in range(2):
     calls.clear()
     for i in range(accum):
-        if d.world > 1:
-            policy.set_requires_gradient_sync(i == accum - 1)
+        if d.mesh is not None:  # as loop.accumulate: reduce-scatter every micro-batch, HSDP's all-reduce once
+            policy.set_requires_all_reduce(i == accum - 1)
         batch = batching.collate_sft([{"input_ids": torch.randint(4, 30, (9,), generator=g).tolist(),
                                        "loss_mask": [1] * 9} for _ in range(2)], 0)
         logps, mask = forward.token_logps(policy, batch, d, 4)

@@ -1,34 +1,33 @@
 """
-Six post-training recipes on a real model, SmolLM2-135M-Instruct, each one command. A recipe
-prepares its data with the project's prepare scripts (a fixed train/held-out split: the --seed
-never changes it), measures the held-out metric, trains with `torchrun --standalone
---nproc_per_node 2 train_X.py` (CPU processes, gloo), measures the metric again, and prints one
-JSON object on stdout (progress goes to stderr):
+Measure the SmolLM2-135M-Instruct recipes of recipes/smollm2.sh: each recipe's own lines, read from
+its arm of the script's `case` with the variables filled in (the data preparation, then the one
+torchrun training command), around them the held-out metric before and after training (greedy,
+in this process), the training's wall time and peak RSS per process, the machine and the git state.
+Prints one JSON object on stdout (progress goes to stderr) and writes it to <run>/result.json:
 
-    python recipes/smollm2.py grpo --seed 1         # GRPO, full fine-tuning, one-digit + and *
-    python recipes/smollm2.py qlora-grpo --seed 1   # the same with QLoRA (--lora-r 16 --quantize nf4)
-    python recipes/smollm2.py dpo --seed 0          # DPO with LoRA on HH-RLHF harmless pairs
-    python recipes/smollm2.py rm --seed 0           # a reward model on the same pairs
-    python recipes/smollm2.py sft --seed 0          # SFT on GSM8K worked solutions (--packing)
-    python recipes/smollm2.py agent --seed 1        # GRPO with the calculator tool, two-digit +
+    python bench/recipe_runs.py grpo --seed 1         # GRPO, full fine-tuning, one-digit + and *
+    python bench/recipe_runs.py qlora-grpo --seed 1   # the same with QLoRA (--lora-r 16 --quantize nf4)
+    python bench/recipe_runs.py dpo --seed 0          # DPO with LoRA on HH-RLHF harmless pairs
+    python bench/recipe_runs.py rm --seed 0           # a reward model on the same pairs
+    python bench/recipe_runs.py sft --seed 0          # SFT on GSM8K worked solutions (--packing)
+    python bench/recipe_runs.py agent --seed 1        # GRPO with the calculator tool, two-digit +
 
 Options: --seed N (training seed, default 0), --nproc N (processes, default 2), --out DIR (default
-runs/recipes: data in DIR/data, each run in DIR/<recipe>-s<seed>, its JSON in result.json there),
---dry-run (print the training command and stop).
+runs/recipes, as the script's: data in DIR/data, each run in DIR/<recipe>-s<seed>), --dry-run
+(print the recipe's lines and stop).
 
 The model directory is made if missing, from ../shared/models/smollm2-135m-instruct/to_hf.py (needs
 the gguf package), into $NANOTRL_CACHE/smollm2-135m-instruct (default ~/.cache/nanotrl/...).
-Every training hyperparameter is passed as a flag, none left to a script's defaults.
 Results, the machine and what each figure means: docs/real-models.md ("SmolLM2-135M-Instruct").
 """
 import argparse
 import gc
 import json
 import os
-import random
 import re
 import resource
 import shlex
+import string
 import subprocess
 import sys
 import threading
@@ -40,54 +39,50 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import forward  # noqa: E402
-import model as M  # noqa: E402
+import engine  # noqa: E402
+import hf_io  # noqa: E402
 import nf4  # noqa: E402
 from data import chat, formats, prepare_arith, prepare_gsm8k  # noqa: E402
 
+SCRIPT = os.path.join(ROOT, "recipes", "smollm2.sh")
 SHARED = os.path.join(ROOT, "..", "shared")
 MODEL_NAME = "smollm2-135m-instruct"
-HH_HELD_OUT = 400       # pairs held out of the 2,312 HH-RLHF harmless-base records (RM and DPO)
-GSM8K_TRAIN = 1000      # worked solutions trained on: the first 1,000 of GSM8K's train split
-GSM8K_HELD_OUT = 200    # test problems for format rate, accuracy and NLL: the first 200 of GSM8K's test split
+RECIPES = ("grpo", "qlora-grpo", "dpo", "rm", "sft", "agent")
+GSM8K_TRAIN = 1000      # the script's `head -n 1000` of GSM8K's train split
+GSM8K_HELD_OUT = 200    # its `head -n 200` of the test split: format rate, accuracy and NLL on these
 GSM8K_MAX_NEW = 256     # generation cap for GSM8K answers (cut answers are counted and reported)
 ARITH_MAX_NEW = 8       # the answer is a number: "The answer is 14." is 7 tokens
 
 
-# ----------------------------------------------------------------------------- the recipes
+# ----------------------------------------------------------------------------- the recipe's lines
 
-def grpo_flags(seed, max_steps, lr, prompts=4, max_new_tokens=ARITH_MAX_NEW, max_prompt_length=128, grad_accum=1):
-    """train_ppo.py --algo grpo on arithmetic; --reward-fn always (never the task default)."""
-    return ["--algo", "grpo", "--loss", "ppo", "--importance-level", "token", "--reward-fn", "data.prepare_arith:reward",
-            "--max-steps", str(max_steps), "--prompts-per-step", str(prompts), "--group-size", "8", "--ppo-epochs", "1",
-            "--minibatches", "1", "--grad-accum", str(grad_accum), "--beta", "0", "--clip-eps", "0.2",
-            "--clip-eps-high", "0", "--loss-agg", "dapo", "--scale-rewards", "true", "--temperature", "1.0",
-            "--top-k", "0", "--top-p", "1.0", "--max-new-tokens", str(max_new_tokens),
-            "--max-prompt-length", str(max_prompt_length), "--missing-eos-penalty", "0",
-            "--warmup-steps", "0", "--min-lr-ratio", "1.0", "--weight-decay", "0", "--grad-clip", "1.0",
-            "--dtype", "fp32", "--chunk-size", "256", "--eval-every", "0", "--log-every", "1", "--save-every", "0",
-            "--seed", str(seed), "--lr", lr]
-
-
-LORA = ["--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--lora-targets", "all-linear"]
+def recipe_lines(a):
+    """(data preparation lines, training command as argv) of recipe a.recipe in recipes/smollm2.sh,
+    with this run's values for its variables: the lines a user runs, not a copy of them."""
+    with open(SCRIPT) as f:
+        text = f.read()
+    arm = re.search(rf"^{re.escape(a.recipe)}\)\n(.*?)^\s*;;", text, re.M | re.S).group(1)
+    values = {"MODEL": a.model, "SEED": a.seed, "NPROC": a.nproc, "DATA": a.data, "RUN": a.run}
+    lines = [string.Template(line.strip()).substitute(values) for line in arm.replace("\\\n", " ").splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    assert lines[-1].startswith("torchrun ") and not any(x.startswith("torchrun ") for x in lines[:-1]), lines
+    return lines[:-1], shlex.split(lines[-1])
 
 
-def arith_grpo_flags(seed, qlora):
-    """Full weights: 8 prompts x 8 per process at lr 5e-6 (4 prompts at 1e-5 for 12 steps moved
-    the held-out accuracy on one seed and not the other). QLoRA: the adapters at lr 3e-4."""
-    if qlora:
-        return grpo_flags(seed, 24, "3e-4") + LORA + ["--quantize", "nf4"]
-    return grpo_flags(seed, 24, "5e-6", prompts=8) + ["--lora-r", "0"]
+def prepare(lines):
+    """The recipe's data lines, in bash as the script runs them (each makes its output once)."""
+    # the prepare scripts under this interpreter, as when the harness called them itself
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    for line in lines:
+        log(f"$ {line}")
+        subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, check=True, stdout=sys.stderr)
 
 
-def recipe_grpo(a, qlora=False):
-    data = prepare(a, "arith", [sys.executable, "-m", "data.prepare_arith", os.path.join(a.data, "arith")])
-    train, test = os.path.join(data, "train.jsonl"), os.path.join(data, "test.jsonl")
-    held_out = formats.load_prompts(test)
-    cmd = torchrun(a, "train_ppo.py", ["--model", a.model, "--data", train, "--out", a.run, "--overwrite"]
-                   + arith_grpo_flags(a.seed, qlora))
-    if a.dry_run:
-        return {"command": shlex.join(cmd)}
+# ----------------------------------------------------------------------------- the measurements
+
+def measure_grpo(a, cmd, qlora=False):
+    data = os.path.join(a.data, "arith")
+    train, held_out = os.path.join(data, "train.jsonl"), formats.load_prompts(os.path.join(data, "test.jsonl"))
     before = arith_eval(load_lm(a.model, quantize=qlora), a.model, held_out)
     run = train_run(cmd, a)
     after = arith_eval(load_lm(os.path.join(a.run, "model")), a.model, held_out)
@@ -99,19 +94,10 @@ def recipe_grpo(a, qlora=False):
             "train_reward_first_last_3": [mean(rewards[:3]), mean(rewards[-3:])], **run}
 
 
-def recipe_agent(a):
-    """GRPO on two-digit additions with --tools agent:calculator (one call, then the answer). Before
-    and after: train_ppo.py's own greedy episodes on the held-out prompts (eval/accuracy,
+def measure_agent(a, cmd):
+    """Before and after: train_ppo.py's own greedy episodes on the held-out prompts (eval/accuracy,
     eval/tool_call_rate); the no-tool baseline: greedy answers to the same questions asked alone."""
-    data = prepare(a, "arith2", [sys.executable, "-m", "data.prepare_arith", "--tools", os.path.join(a.data, "arith2")])
-    train, test = os.path.join(data, "train.jsonl"), os.path.join(data, "test.jsonl")
-    # 243-token prompts: 4 rows per backward, not 16 (OOM)
-    flags = grpo_flags(a.seed, 6, "1e-5", max_new_tokens=40, max_prompt_length=512, grad_accum=4) + ["--lora-r", "0"]
-    cmd = torchrun(a, "train_ppo.py", ["--model", a.model, "--data", train, "--eval-data", test, "--out", a.run,
-                                       "--overwrite", "--tools", "agent:calculator", "--max-tool-calls", "1",
-                                       "--max-turns", "2", "--describe-tools", "true", "--tool-timeout", "5"] + flags)
-    if a.dry_run:
-        return {"command": shlex.join(cmd)}
+    data = os.path.join(a.data, "arith2")
     plain = formats.load_prompts(os.path.join(data, "plain.jsonl"))
     t = time.time()
     texts, _ = greedy(load_lm(a.model), chat.load_tokenizer(a.model), plain, 16, batch_size=64)
@@ -123,79 +109,38 @@ def recipe_agent(a):
     first, last = evals(a.run)
     pick = ("eval/accuracy", "eval/tool_call_rate")
     rewards = [r["reward"] for r in metrics(a.run) if "reward" in r]
-    return {"command": shlex.join(cmd), "data": {"train_prompts": len(formats.load_prompts(train)),
-                                                 "held_out_prompts": len(plain)},
+    train = formats.load_prompts(os.path.join(data, "train.jsonl"))
+    return {"command": shlex.join(cmd), "data": {"train_prompts": len(train), "held_out_prompts": len(plain)},
             "metric": "held-out greedy episodes: exact match of the answer's first integer, and the share "
                       "of episodes that called the calculator; no_tool: the question alone, no tool",
             "no_tool": baseline, "before": {k: first[k] for k in pick}, "after": {k: last[k] for k in pick},
             "train_reward_first_last_3": [mean(rewards[:3]), mean(rewards[-3:])], **run}
 
 
-def pair_flags(a, data, lr, max_steps):
-    """The flags the DPO and reward-model recipes share: HH-RLHF pairs, 8 per process per step."""
-    return ["--model", a.model, "--data", os.path.join(data, "train.jsonl"),
-            "--eval-data", os.path.join(data, "test.jsonl"), "--out", a.run, "--overwrite",
-            "--lr", lr, "--warmup-steps", "2", "--min-lr-ratio", "0.1", "--weight-decay", "0", "--grad-clip", "1.0",
-            "--max-steps", str(max_steps), "--batch-size", "8", "--grad-accum", "1", "--max-length", "128",
-            "--max-prompt-length", "64", "--dtype", "fp32", "--chunk-size", "256", "--eval-every", "0",
-            "--log-every", "1", "--save-every", "0", "--seed", str(a.seed)]
-
-
-def recipe_dpo(a):
-    data = hh_split(a)
-    flags = pair_flags(a, data, "5e-4", 30) + [
-        "--loss", "sigmoid", "--beta", "0.1", "--rpo-alpha", "0", "--label-smoothing", "0",
-        "--share-prompt", "true", "--precompute-ref", "false"] + LORA
-    cmd = torchrun(a, "train_dpo.py", flags)
-    if a.dry_run:
-        return {"command": shlex.join(cmd)}
+def measure_dpo(a, cmd):
     run = train_run(cmd, a)
     first, last = evals(a.run)
     keys = {"implicit_reward_accuracy": "eval/rewards/accuracies", "margin": "eval/rewards/margins",
             "chosen_logp": "eval/logps/chosen", "rejected_logp": "eval/logps/rejected"}
     before, after = ({k: round(r[v], 4) for k, v in keys.items()} for r in (first, last))
-    return {"command": shlex.join(cmd), "data": count_pairs(data),
+    return {"command": shlex.join(cmd), "data": count_pairs(os.path.join(a.data, "hh")),
             "metric": "train_dpo.py's eval on the held-out pairs (reference = the policy with its adapters off; "
                       "before training the two are identical, so every margin is 0 and accuracy counts no tie)",
             "before": before, "after": after,
             "chosen_logp_went_down": after["chosen_logp"] < before["chosen_logp"], **run}
 
 
-def recipe_rm(a):
-    data = hh_split(a)
-    flags = pair_flags(a, data, "3e-5", 20) + ["--center-coef", "0", "--use-margin", "false", "--lora-r", "0"]
-    cmd = torchrun(a, "train_rm.py", flags)
-    if a.dry_run:
-        return {"command": shlex.join(cmd)}
+def measure_rm(a, cmd):
     run = train_run(cmd, a)
     first, last = evals(a.run)
-    return {"command": shlex.join(cmd), "data": count_pairs(data),
+    return {"command": shlex.join(cmd), "data": count_pairs(os.path.join(a.data, "hh")),
             "metric": "held-out pairwise accuracy (score(chosen) > score(rejected)); before = the fresh score head",
             "before": {"pairwise_accuracy": round(first["eval/accuracy"], 4)},
             "after": {"pairwise_accuracy": round(last["eval/accuracy"], 4)}, **run}
 
 
-def recipe_sft(a):
-    train_dir = prepare(a, "gsm8k-train", [sys.executable, "-m", "data.prepare_gsm8k",
-                                           os.path.join(SHARED, "data", "gsm8k-train.jsonl.gz"),
-                                           os.path.join(a.data, "gsm8k-train")])
-    test_dir = prepare(a, "gsm8k-test", [sys.executable, "-m", "data.prepare_gsm8k",
-                                         os.path.join(SHARED, "data", "gsm8k-test.jsonl.gz"),
-                                         os.path.join(a.data, "gsm8k-test")])
-    train = head_lines(os.path.join(train_dir, "sft.jsonl"), os.path.join(train_dir, f"sft-{GSM8K_TRAIN}.jsonl"),
-                       GSM8K_TRAIN)
-    test_sft = head_lines(os.path.join(test_dir, "sft.jsonl"), os.path.join(test_dir, f"sft-{GSM8K_HELD_OUT}.jsonl"),
-                          GSM8K_HELD_OUT)
-    questions = formats.load_prompts(os.path.join(test_dir, "rl.jsonl"))[:GSM8K_HELD_OUT]
-    flags = ["--model", a.model, "--data", train, "--eval-data", test_sft, "--out", a.run, "--overwrite",
-             "--packing", "true", "--train-on-prompt", "false", "--max-length", "512", "--batch-size", "2",
-             "--grad-accum", "1", "--max-steps", "20", "--lr", "2e-5", "--warmup-steps", "2", "--min-lr-ratio", "0.1",
-             "--weight-decay", "0", "--grad-clip", "1.0", "--lora-r", "0",
-             "--dtype", "fp32", "--chunk-size", "256", "--eval-every", "0", "--log-every", "1", "--save-every", "0",
-             "--seed", str(a.seed)]
-    cmd = torchrun(a, "train_sft.py", flags)
-    if a.dry_run:
-        return {"command": shlex.join(cmd)}
+def measure_sft(a, cmd):
+    questions = formats.load_prompts(os.path.join(a.data, "gsm8k-test", "rl.jsonl"))[:GSM8K_HELD_OUT]
     before = gsm8k_eval(load_lm(a.model), a.model, questions)
     run = train_run(cmd, a)
     after = gsm8k_eval(load_lm(os.path.join(a.run, "model")), a.model, questions)
@@ -207,48 +152,8 @@ def recipe_sft(a):
             "before": before, "after": after, **run}
 
 
-RECIPES = {"grpo": recipe_grpo, "qlora-grpo": lambda a: recipe_grpo(a, qlora=True), "dpo": recipe_dpo,
-           "rm": recipe_rm, "sft": recipe_sft, "agent": recipe_agent}
-
-
-# ----------------------------------------------------------------------------- data
-
-def prepare(a, name, cmd):
-    """Run a prepare script once (its output directory or file marks it done); returns the output path."""
-    out = cmd[-1]
-    if not os.path.exists(out):
-        log(f"$ {shlex.join(cmd)}")
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=sys.stderr)
-    return out
-
-
-def hh_split(a):
-    """HH-RLHF harmless-base -> all.jsonl (data/prepare_hh.py), then a fixed split: a shuffle with
-    seed 1234, its first HH_HELD_OUT pairs held out (test.jsonl), the rest train.jsonl."""
-    d = os.path.join(a.data, "hh")
-    src = prepare(a, "hh", [sys.executable, "-m", "data.prepare_hh",
-                            os.path.join(SHARED, "data", "hh-rlhf-harmless-base-test.jsonl.gz"), os.path.join(d, "all.jsonl")])
-    if not os.path.exists(os.path.join(d, "train.jsonl")):
-        with open(src) as f:
-            lines = f.readlines()
-        random.Random(1234).shuffle(lines)
-        write(os.path.join(d, "test.jsonl"), lines[:HH_HELD_OUT])
-        write(os.path.join(d, "train.jsonl"), lines[HH_HELD_OUT:])
-    return d
-
-
-def head_lines(src, dst, n):
-    if not os.path.exists(dst):
-        with open(src) as f:
-            write(dst, [line for _, line in zip(range(n), f)])
-    return dst
-
-
-def write(path, lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+MEASURE = {"grpo": measure_grpo, "qlora-grpo": lambda a, cmd: measure_grpo(a, cmd, qlora=True), "dpo": measure_dpo,
+           "rm": measure_rm, "sft": measure_sft, "agent": measure_agent}
 
 
 def count_pairs(d):
@@ -257,9 +162,13 @@ def count_pairs(d):
 
 # ----------------------------------------------------------------------------- the model
 
+def model_dir():
+    return os.path.join(os.environ.get("NANOTRL_CACHE", os.path.expanduser("~/.cache/nanotrl")), MODEL_NAME)
+
+
 def ensure_model():
     """The HF directory of SmolLM2-135M-Instruct, made from the GGUF in ../shared if missing."""
-    path = os.path.join(os.environ.get("NANOTRL_CACHE", os.path.expanduser("~/.cache/nanotrl")), MODEL_NAME)
+    path = model_dir()
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         cmd = [sys.executable, os.path.join(SHARED, "models", MODEL_NAME, "to_hf.py"), path]
         log(f"$ {shlex.join(cmd)}")
@@ -269,7 +178,7 @@ def ensure_model():
 
 def load_lm(path, quantize=False):
     """A model to evaluate in this process. quantize: NF4 projections, as QLoRA's policy starts."""
-    m = M.from_pretrained(path).eval().requires_grad_(False)
+    m = hf_io.from_pretrained(path).eval().requires_grad_(False)
     return nf4.quantize_model(m) if quantize else m
 
 
@@ -277,13 +186,13 @@ def load_lm(path, quantize=False):
 
 def greedy(model, tok, records, max_new_tokens, batch_size):
     """Greedy completions of records' prompts, batched by prompt length (less padding); in order."""
-    dist = common.Dist(0, 1, torch.device("cpu"), None)
+    eng = engine.Engine(model, tok, common.Dist(0, 1, torch.device("cpu"), None))
     ids = [chat.tokenize_prompt(r, tok, 10**9) for r in records]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     texts, ended = [None] * len(ids), [None] * len(ids)
     for i in range(0, len(order), batch_size):
         part = order[i:i + batch_size]
-        s = forward.generate(model, tok, [ids[j] for j in part], dist, max_new_tokens, temperature=0)
+        s = eng.generate([ids[j] for j in part], engine.Sampling(max_new_tokens, temperature=0))
         for j, text, e in zip(part, s.texts, s.ended.tolist()):
             texts[j], ended[j] = text, e
         log(f"  generated {min(i + batch_size, len(order))}/{len(order)}")
@@ -332,10 +241,6 @@ def mean(xs):
 
 
 # ----------------------------------------------------------------------------- training runs
-
-def torchrun(a, script, flags):
-    return ["torchrun", "--standalone", "--nproc_per_node", str(a.nproc), script] + flags
-
 
 def train_run(cmd, a):
     """Run the training command, its output to stderr and <run>/train.log; wall time and peak RSS
@@ -423,7 +328,7 @@ def log(msg):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", choices=sorted(RECIPES))
+    p.add_argument("recipe", choices=RECIPES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--out", default="runs/recipes")
@@ -435,14 +340,18 @@ def main():
     torch.set_num_threads(1)
     a.data, a.run = os.path.join(a.out, "data"), os.path.join(a.out, f"{a.recipe}-s{a.seed}")
     t, load = time.time(), os.getloadavg()[0]
-    a.model = ensure_model()
+    a.model = model_dir() if a.dry_run else ensure_model()
+    data_lines, cmd = recipe_lines(a)
+    if a.dry_run:
+        print(json.dumps({"recipe": a.recipe, "seed": a.seed, "prepare": data_lines, "command": shlex.join(cmd)}))
+        return
     start_state = git_state()
-    result = {"recipe": a.recipe, "seed": a.seed, **RECIPES[a.recipe](a)}
-    if not a.dry_run:
-        result.update(total_wall_s=round(time.time() - t, 1), machine=machine(),
-                      load_avg_1min_start_end=[round(load, 2), round(os.getloadavg()[0], 2)], git=start_state)
-        with open(os.path.join(a.run, "result.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    prepare(data_lines)
+    result = {"recipe": a.recipe, "seed": a.seed, **MEASURE[a.recipe](a, cmd)}
+    result.update(total_wall_s=round(time.time() - t, 1), machine=machine(),
+                  load_avg_1min_start_end=[round(load, 2), round(os.getloadavg()[0], 2)], git=start_state)
+    with open(os.path.join(a.run, "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
     print(json.dumps(result), flush=True)
 
 
