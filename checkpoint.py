@@ -266,15 +266,26 @@ def resume(cfg, dist, parts: dict) -> int:
 
 
 class Preemption:
-    """SIGTERM (a scheduler's preemption notice, forwarded by torchrun) sets a flag; the loop checks
-    it once per step, on all ranks together, then checkpoints and exits cleanly."""
+    """SIGTERM (a scheduler's preemption notice, forwarded by torchrun) or a first Ctrl-C (SIGINT)
+    sets a flag; the loop checks it once per step, on all ranks together, then checkpoints and
+    exits with status 0 (--resume continues). A second Ctrl-C aborts at once, without a checkpoint
+    (common.run: one line, status 130)."""
 
     def __init__(self):
         self.flag = False
         signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, *_):
         self.flag = True
+
+    def _interrupt(self, *_):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        if collectives.is_main():
+            print("interrupted: checkpointing after this step (Ctrl-C again stops at once, without one)",
+                  file=sys.stderr, flush=True)
 
     def requested(self, dist) -> bool:
         return collectives.any_rank(self.flag, dist)

@@ -12,6 +12,7 @@ import datetime
 import errno
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -45,12 +46,19 @@ def run(main, cls):
     cfg = config.parse_config(cls)
     try:
         main(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before the loop, or twice in it (checkpoint.Preemption)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third one must not interrupt this line
+        collectives.print0("error: interrupted: stopped without a checkpoint of this step (one Ctrl-C during "
+                           "training checkpoints first; --resume continues from the last checkpoint)", file=sys.stderr)
+        sys.exit(130)
     except (UsageError, checkpoint.RunError, formats.DataError, FloatingPointError, OSError) as e:
         full_disk = isinstance(e, OSError) and e.errno == errno.ENOSPC
         if isinstance(e, OSError) and not (full_disk or isinstance(e, FileNotFoundError)):
             raise
         collectives.print0(f"error: {e.strerror if full_disk else e}", file=sys.stderr)
         sys.exit(2)
+    finally:  # the run is over: a late Ctrl-C must not turn a clean exit into a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -63,9 +63,11 @@ class Loop:
 
     def __iter__(self):
         cfg, dist = self.cfg, self.dist
+        # from here on SIGTERM or a first Ctrl-C means: checkpoint after the next step, then exit
+        # (installed before the first evaluation, so that a notice during it is not lost)
+        preempt = checkpoint.Preemption()
         if self.start == 0:
             self._evaluate(0)
-        preempt = checkpoint.Preemption()  # from here on SIGTERM means: checkpoint after this step, then exit
         for step in range(self.start, cfg.max_steps):
             self.metrics = {}
             yield step

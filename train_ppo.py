@@ -39,6 +39,8 @@ tokens only; every algorithm above trains on it unchanged (docs/agents.md).
 import dataclasses
 import importlib
 import inspect
+import math
+import numbers
 import os
 import sys
 import time
@@ -256,6 +258,9 @@ def score(rl: RL, samples, picked):
     cfg, dist = rl.cfg, rl.dist
     if rl.rm is not None:
         raw = forward.reward_model_scores(rl.rm, samples, dist)
+        if not bool(torch.isfinite(raw).all()):  # a broken reward model, named, not a NaN loss blamed on --lr
+            raise common.UsageError(f"--reward-model {cfg.reward_model} scored a completion {raw[~torch.isfinite(raw)][0]}: "
+                                    "a reward must be a finite number")
     else:
         recs = [p["record"] for p in picked for _ in range(cfg.group_size)]
         keys = dict.fromkeys(k for r in recs for k in r if k != "prompt")  # every record's extra fields
@@ -263,11 +268,31 @@ def score(rl: RL, samples, picked):
         ep = samples.episodes
         if ep is not None and callable(getattr(ep.envs[0], "reward", None)):  # the environment scores its episodes
             values = [env.reward(msgs, rec) for env, msgs, rec in zip(ep.envs, ep.messages, recs)]
+            who = f"--env {cfg.env}: {type(ep.envs[0]).__name__}.reward"
         else:  # multi-turn: the last turn is the completion, and the whole conversation is given too
             values = rl.reward_fn([r["prompt"] for r in recs], samples.texts, **fields,
                                   **({"messages": ep.messages} if ep is not None else {}))
-        raw = torch.tensor(values, dtype=torch.float32, device=dist.device)
+            who = f"--reward-fn {cfg.reward_fn or 'data.task:reward_fn'}"
+        raw = torch.tensor(checked_rewards(values, len(recs), who), dtype=torch.float32, device=dist.device)
     return raw - cfg.missing_eos_penalty * (~samples.ended).float(), raw
+
+
+def checked_rewards(values, n, who):
+    """The user's rewards as n floats, or one line naming the function, what it returned and what
+    was expected: a scalar would broadcast to every completion, None or a string would end in a
+    tensor traceback, a NaN would be blamed on the learning rate two steps later."""
+    expected = f"expected a list of {n} finite numbers, one per completion"
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise common.UsageError(f"{who} returned {type(values).__name__} {values!r:.60}; {expected}")
+    values = list(values)
+    if len(values) != n:
+        raise common.UsageError(f"{who} returned {len(values)} values for {n} completions; {expected}")
+    for i, v in enumerate(values):
+        if isinstance(v, (str, bytes)) or not isinstance(v, numbers.Real) and not (torch.is_tensor(v) and v.numel() == 1):
+            raise common.UsageError(f"{who} returned {type(v).__name__} {v!r:.40} for completion {i}; {expected}")
+        if not math.isfinite(float(v)):
+            raise common.UsageError(f"{who} returned {float(v)} for completion {i}; {expected}")
+    return [float(v) for v in values]
 
 
 def flat_rewards(raw_scores, dist, step, streak, warn_after=3):

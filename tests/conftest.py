@@ -17,9 +17,11 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
-def _restore_sigterm():
-    """Tests that call a script's main() in-process install checkpoint.Preemption's SIGTERM handler,
-    which only sets a flag: without this, `timeout` (SIGTERM) could no longer stop pytest."""
-    old = signal.getsignal(signal.SIGTERM)
+def _restore_signal_handlers():
+    """Tests that call a script's main() in-process install checkpoint.Preemption's SIGTERM and
+    SIGINT handlers, which only set a flag: without this, `timeout` (SIGTERM) or Ctrl-C could no
+    longer stop pytest."""
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     yield
-    signal.signal(signal.SIGTERM, old)
+    signal.signal(signal.SIGTERM, old[0])
+    signal.signal(signal.SIGINT, old[1])

@@ -19,3 +19,8 @@ class Countdown:
     def reward(self, messages, record):
         said = "".join(m["content"] for m in messages if m["role"] == "assistant")
         return sum(c.isdigit() for c in said) / max(len(said), 1)
+
+
+def scalar_reward(prompts, completions, **_):
+    """A --reward-fn that returns one number instead of one per completion (the user's mistake)."""
+    return 1.0
